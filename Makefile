@@ -1,0 +1,39 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv, install, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# torch/torchvision pins: the builds this project is tested with (pip takes them from a local
+# wheel cache when there is one).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+export YOLO_OFFLINE := 1
+export YOLO_CONFIG_DIR := $(CURDIR)/.ultralytics
+
+.PHONY: install demo test test-fast test-slow lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' $(TORCH_PINS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/yolo-resume train
+
+# Both the fast suite and the slow (-m slow) integration suite; `make test-fast` for the quick loop.
+test: $(STAMP)
+	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m slow
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check yolo_resume tests scripts
+
+clean:
+	rm -rf runs datasets/demo .ultralytics

@@ -1,0 +1,320 @@
+"""Typed training configuration.
+
+One dataclass per section, one documented default per field (the `doc` metadata is what the
+README's config reference and `--help` show). YAML is only how a config is stored: loading
+validates every key and type and raises a one-line `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A dataclass field with a default and a one-line description."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class DataConfig:
+    format: str = opt("synthetic", "Dataset format: `coco`, `yolo` or `synthetic`.")
+    root: str = opt("datasets/demo", "Dataset root folder (for `yolo`, may also be a dataset YAML file).")
+    train: str = opt(
+        "",
+        "Training split. coco: annotation JSON relative to root (default "
+        "`annotations/instances_train.json`); yolo: image folder or list file (default `images/train`).",
+    )
+    val: str = opt("", "Validation split, same rules as `train` (default the `val` counterpart).")
+    train_images: str = opt("", "coco only: training image folder (default derived from the JSON name).")
+    val_images: str = opt("", "coco only: validation image folder (default derived from the JSON name).")
+    names: list[str] | None = opt(None, "Class names; coco: taken from the categories when unset.")
+    num_train: int = opt(400, "synthetic: number of training images.")
+    num_val: int = opt(100, "synthetic: number of validation images.")
+    num_classes: int = opt(3, "synthetic: number of shape classes (1-6).")
+    image_size: int = opt(160, "synthetic: side of the generated images in pixels.")
+    seed: int = opt(0, "synthetic: seed of the generator (the dataset is a pure function of its params).")
+
+
+@dataclass
+class ModelConfig:
+    cfg: str = opt("yolov5s.yaml", "Ultralytics model YAML (`yolov5s.yaml`, `yolov5n.yaml`, ... or a path).")
+    imgsz: int = opt(640, "Square training and validation image size (multiple of 32).")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(100, "Number of epochs.")
+    batch: int = opt(16, "Images per optimizer micro-batch.")
+    nbs: int = opt(64, "Nominal batch size: gradients accumulate over round(nbs / batch) micro-batches.")
+    workers: int = opt(2, "DataLoader worker processes (0 = load in the main process).")
+    seed: int = opt(0, "Seed of everything random: init, data order, augmentation.")
+    deterministic: bool = opt(True, "Use deterministic algorithms (required for bitwise-exact resume).")
+    optimizer: str = opt("SGD", "Optimizer: `SGD` (nesterov) or `AdamW`.")
+    lr0: float = opt(0.01, "Initial learning rate.")
+    lrf: float = opt(0.01, "Final learning rate as a fraction of lr0.")
+    schedule: str = opt("linear", "LR decay after warmup: `linear` or `cosine`.")
+    momentum: float = opt(0.937, "SGD momentum / Adam beta1.")
+    weight_decay: float = opt(0.0005, "Weight decay (not applied to norms and biases); scaled by batch/nbs.")
+    warmup_epochs: float = opt(3.0, "Warmup length in epochs (at least 100 optimizer steps when > 0).")
+    warmup_momentum: float = opt(0.8, "Momentum at the start of warmup.")
+    warmup_bias_lr: float = opt(0.1, "Bias learning rate at the start of warmup (SGD only).")
+    box: float = opt(7.5, "Box loss gain.")
+    cls: float = opt(0.5, "Classification loss gain.")
+    dfl: float = opt(1.5, "Distribution focal loss gain.")
+    ema: bool = opt(True, "Keep an exponential moving average of the weights (validated and exported).")
+    amp: bool = opt(True, "Mixed precision on CUDA (ignored on CPU).")
+    device: str = opt("auto", "`auto`, `cpu`, `cuda` or `cuda:N`.")
+    max_grad_norm: float = opt(10.0, "Gradient clipping norm (0 disables).")
+
+
+@dataclass
+class AugmentConfig:
+    fliplr: float = opt(0.5, "Probability of a horizontal flip.")
+    hsv_h: float = opt(0.015, "Hue jitter (fraction).")
+    hsv_s: float = opt(0.7, "Saturation jitter (fraction).")
+    hsv_v: float = opt(0.4, "Value jitter (fraction).")
+    scale: float = opt(0.5, "Random scale range: 1 +- scale.")
+    translate: float = opt(0.1, "Random translation as a fraction of imgsz.")
+    mosaic: float = opt(1.0, "Probability of a 4-image mosaic.")
+    close_mosaic: int = opt(10, "Disable mosaic for the last N epochs.")
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = opt(1, "Validate every N epochs (and always after the last one); 0 disables.")
+    conf: float = opt(0.001, "NMS confidence threshold for mAP.")
+    iou: float = opt(0.7, "NMS IoU threshold.")
+    max_det: int = opt(300, "Maximum detections per image.")
+
+
+@dataclass
+class CkptConfig:
+    dir: str = opt("", "Checkpoint folder (default `<run dir>/checkpoints`).")
+    every_epochs: int = opt(1, "Save a checkpoint every N epochs (and after the last one).")
+    every_steps: int = opt(0, "Also save every N optimizer steps (0 = off).")
+    every_minutes: float = opt(0.0, "Also save every M minutes of training (0 = off).")
+    keep_last: int = opt(3, "Keep the newest N checkpoints (the best one is kept too).")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """SHA-256 of the canonical JSON of the resolved config."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+SECTIONS: dict[str, type] = _section_types()
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. `train.epochs`."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def field_docs() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, doc) for every field: the config reference."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), default, f.metadata["doc"]))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f"; did you mean `{close[0]}`?" if close else "; see the config reference in README.md"
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` converted to `tp`, or raise a ConfigError naming the key and type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(key, value, inner[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key `{key}` must be a list of {item_tp.__name__}, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key `{key}` must be of type {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated Config from a nested dict (missing keys take their defaults)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
+    cfg = Config()
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(str(section), list(SECTIONS), n=1, cutoff=0.5)
+            hint = f"; did you mean `{close[0]}`?" if close else f"; sections are {', '.join(SECTIONS)}"
+            raise ConfigError(f"unknown config section `{section}` in {source}{hint}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section `{section}` in {source} must be a mapping, got {values!r}")
+        for key, value in values.items():
+            set_key(cfg, f"{section}.{key}", value)
+    validate(cfg)
+    return cfg
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.key` to `value`, checking the key exists and the type matches."""
+    parts = str(dotted).split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"unknown config key `{dotted}`{_suggest(str(dotted))}")
+    section, key = parts
+    hints = typing.get_type_hints(SECTIONS[section])
+    if key not in hints:
+        raise ConfigError(f"unknown config key `{dotted}`{_suggest(dotted)}")
+    setattr(getattr(cfg, section), key, _check_value(dotted, value, hints[key]))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `--set key=value` strings; values are parsed as YAML (`3`, `0.5`, `true`, `[a, b]`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got `{item}` (e.g. --set train.epochs=3)")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value `{text}` is not valid YAML ({_first_line(exc)})") from None
+        set_key(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+CHOICES = {
+    "data.format": ("coco", "yolo", "synthetic"),
+    "train.optimizer": ("SGD", "AdamW"),
+    "train.schedule": ("linear", "cosine"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    for dotted, choices in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"config key `{dotted}` must be one of {', '.join(choices)}, got `{value}`")
+    positive = {
+        "train.epochs": cfg.train.epochs,
+        "train.batch": cfg.train.batch,
+        "train.nbs": cfg.train.nbs,
+        "model.imgsz": cfg.model.imgsz,
+        "data.image_size": cfg.data.image_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key `{key}` must be > 0, got {value}")
+    non_negative = {
+        "train.workers": cfg.train.workers,
+        "ckpt.every_epochs": cfg.ckpt.every_epochs,
+        "ckpt.every_steps": cfg.ckpt.every_steps,
+        "ckpt.every_minutes": cfg.ckpt.every_minutes,
+        "ckpt.keep_last": cfg.ckpt.keep_last,
+        "eval.every_epochs": cfg.eval.every_epochs,
+        "train.warmup_epochs": cfg.train.warmup_epochs,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key `{key}` must be >= 0, got {value}")
+    if cfg.model.imgsz % 32:
+        raise ConfigError(f"config key `model.imgsz` must be a multiple of 32, got {cfg.model.imgsz}")
+    if cfg.data.format == "synthetic" and not 1 <= cfg.data.num_classes <= 6:
+        raise ConfigError(f"config key `data.num_classes` must be 1-6 for synthetic data, got {cfg.data.num_classes}")
+    if cfg.data.format == "synthetic" and (cfg.data.num_train < 1 or cfg.data.num_val < 1):
+        raise ConfigError("config keys `data.num_train` and `data.num_val` must be >= 1")
+    dev = cfg.train.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"config key `train.device` must be auto, cpu, cuda or cuda:N, got `{dev}`")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (the packaged demo when `path` is None) and apply overrides."""
+    path = Path(path) if path else PACKAGE_CONFIGS / "demo.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file `{path}` not found; pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file `{path}` is not valid YAML: {_first_line(exc)}") from None
+    cfg = from_dict(raw, source=str(path))
+    return apply_overrides(cfg, overrides or [])
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
