@@ -1,0 +1,113 @@
+"""Optimizer with the usual YOLO parameter groups, and an LR schedule that is a pure function of the step.
+
+Because `lr_at(step)` depends only on the global step (and the plan: epochs, batches per epoch,
+warmup), resuming needs no scheduler object at all, and `--epochs N` on resume re-plans the
+schedule from the current step simply by building a new `LRSchedule`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def accumulate_steps(cfg: TrainConfig) -> int:
+    """Micro-batches per optimizer step, so the effective batch is about `nbs`."""
+    return max(round(cfg.nbs / cfg.batch), 1)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Three groups: weights with decay, norm weights without, biases without (as in YOLOv5/v8)."""
+    decay, no_decay, bias = [], [], []
+    norm_types = tuple(v for k, v in nn.__dict__.items() if "Norm" in k and isinstance(v, type))
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if name == "bias":
+                bias.append(param)
+            elif isinstance(module, norm_types):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    # Weight decay is per nominal batch: scale it by the effective batch size.
+    weight_decay = cfg.weight_decay * cfg.batch * accumulate_steps(cfg) / cfg.nbs
+    if cfg.optimizer == "SGD":
+        opt = torch.optim.SGD(bias, lr=cfg.lr0, momentum=cfg.momentum, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(bias, lr=cfg.lr0, betas=(cfg.momentum, 0.999), weight_decay=0.0)
+    opt.param_groups[0]["name"] = "bias"
+    opt.add_param_group({"params": decay, "weight_decay": weight_decay, "name": "decay"})
+    opt.add_param_group({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return opt
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Warmup then linear or cosine decay, evaluated per batch from the global step."""
+
+    lr0: float
+    lrf: float
+    epochs: int
+    batches_per_epoch: int
+    warmup_epochs: float
+    schedule: str = "linear"
+    momentum: float = 0.937
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, batches_per_epoch: int) -> LRSchedule:
+        return cls(
+            lr0=cfg.lr0,
+            lrf=cfg.lrf,
+            epochs=cfg.epochs,
+            batches_per_epoch=batches_per_epoch,
+            warmup_epochs=cfg.warmup_epochs,
+            schedule=cfg.schedule,
+            momentum=cfg.momentum,
+            warmup_momentum=cfg.warmup_momentum,
+            # A large starting bias LR suits SGD only; Adam variants warm biases up from zero.
+            warmup_bias_lr=cfg.warmup_bias_lr if cfg.optimizer == "SGD" else 0.0,
+        )
+
+    @property
+    def warmup_steps(self) -> int:
+        """Warmup batches, leaving at least the last epoch for regular training."""
+        epochs = min(self.warmup_epochs, max(self.epochs - 1, 0))
+        return round(epochs * self.batches_per_epoch)
+
+    def factor(self, step: int) -> float:
+        """Decay factor at `step` (batches since the start), from 1 down to lrf at the last batch."""
+        progress = min(step / max(self.epochs * self.batches_per_epoch, 1), 1.0)
+        if self.schedule == "cosine":
+            return self.lrf + (1 - self.lrf) * (1 + math.cos(math.pi * progress)) / 2
+        return (1 - progress) * (1 - self.lrf) + self.lrf
+
+    def lr_at(self, step: int, group: str = "decay") -> float:
+        target = self.lr0 * self.factor(step)
+        nw = self.warmup_steps
+        if nw and step < nw:
+            start = self.warmup_bias_lr if group == "bias" else 0.0
+            return start + (target - start) * step / nw
+        return target
+
+    def momentum_at(self, step: int) -> float:
+        nw = self.warmup_steps
+        if nw and step < nw:
+            return self.warmup_momentum + (self.momentum - self.warmup_momentum) * step / nw
+        return self.momentum
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every group's LR and momentum for `step`; returns the main group's LR."""
+        momentum = self.momentum_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr_at(step, group.get("name", "decay"))
+            if "betas" in group:
+                group["betas"] = (momentum, group["betas"][1])
+            elif "momentum" in group:
+                group["momentum"] = momentum
+        return self.lr_at(step)
