@@ -1,0 +1,92 @@
+"""Rich progress display: a bar per epoch with loss components, images/s and ETA; a line per epoch;
+a final table. Kept apart from the loop so the loop reads as training, not printing."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .model import LOSS_NAMES
+
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+class TrainProgress:
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(bar_width=28),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[losses]}"),
+            TextColumn("{task.fields[speed]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=quiet,
+        )
+        self.task = None
+        self._t0 = time.monotonic()
+        self._images = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(
+            "train", total=total, completed=done, epoch=f"{epoch + 1}/{epochs}", losses="", speed=""
+        )
+        self._t0, self._images = time.monotonic(), 0
+
+    def step(self, state, images: int) -> None:
+        self._images += images
+        n = max(state.step_in_epoch, 1)
+        losses = " ".join(f"{name[:3]} {v / n:.3f}" for name, v in zip(LOSS_NAMES, state.epoch_loss_sum, strict=True))
+        speed = f"{self._images / max(time.monotonic() - self._t0, 1e-9):.1f} img/s"
+        self.progress.update(self.task, advance=1, losses=losses, speed=speed)
+
+    def end_epoch(self, row: dict, batches: int) -> None:
+        if self.quiet:
+            return
+        parts = [f"epoch {row['epoch']}"]
+        parts += [f"{name} {row[name]:.4f}" for name in LOSS_NAMES]
+        if "map50" in row:
+            parts += [f"mAP@.5 {row['map50']:.4f}", f"mAP@.5:.95 {row['map']:.4f}"]
+        elapsed = time.monotonic() - self._t0
+        parts.append(f"{elapsed:.1f}s")
+        self.progress.console.print("  ".join(parts))
+
+    def saved(self, path: Path, reason: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(f"[dim]saved checkpoint {path} ({reason})[/dim]")
+
+    def notice(self, message: str) -> None:
+        self.progress.console.print(f"[yellow]{message}[/yellow]")
+
+    def summary(self, history: list[dict]) -> None:
+        if self.quiet or not history:
+            return
+        table = Table(title="training summary")
+        columns = ["epoch", *LOSS_NAMES, "map50", "map", "lr"]
+        for col in columns:
+            table.add_column(col, justify="right")
+        for row in history:
+            table.add_row(*(_fmt(row.get(col)) for col in columns))
+        console.print(table)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,347 @@
+"""The training loop: short and linear. Everything stateful has state_dict()/load_state_dict(), and a
+checkpoint is the dict of them, so resuming is `load_state_dict` and nothing else."""
+
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from ultralytics.utils.torch_utils import ModelEMA
+
+from .checkpoint.manager import CheckpointInfo, CheckpointManager
+from .config import Config
+from .data import EpochBatchSampler, build_datasets, collate_fn
+from .errors import ConfigError
+from .evaluate import evaluate
+from .model import LOSS_NAMES, build_model, compute_loss
+from .optim import LRSchedule, accumulate_steps, build_optimizer
+from .progress import TrainProgress
+from .provenance import git_info, host, versions
+from .seeding import configure_determinism, rng_state, seed_everything, set_rng_state
+
+# Exit code after a graceful stop on SIGTERM / SIGUSR1 / Ctrl-C: "temporary failure, retry" (sysexits
+# EX_TEMPFAIL). Schedulers restart on non-zero; `yolo-resume train --resume` continues exactly.
+EXIT_INTERRUPTED = 75
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+@dataclass
+class TrainState:
+    """The loop's counters and history: the data position is (epoch, step_in_epoch)."""
+
+    epoch: int = 0  # epochs completed == index of the epoch in progress
+    step_in_epoch: int = 0  # batches of the current epoch already trained on
+    global_step: int = 0  # batches trained on since the start of the run
+    optimizer_steps: int = 0
+    epoch_loss_sum: list[float] = field(default_factory=lambda: [0.0] * len(LOSS_NAMES))
+    best_fitness: float | None = None
+    history: list[dict] = field(default_factory=list)  # one row per finished epoch (results.csv)
+    segment: int = 0  # number of times this run was resumed
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device `{name}` requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, quiet: bool = False):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = select_device(cfg.train.device)
+        configure_determinism(cfg.train.deterministic)
+        seed_everything(cfg.train.seed)
+        self.train_ds, self.val_ds = build_datasets(
+            cfg.data, cfg.augment, cfg.model.imgsz, cfg.train.seed, cfg.train.epochs
+        )
+        self.model = build_model(cfg.model.cfg, len(self.train_ds.names), self.train_ds.names, cfg.train)
+        self.model.to(self.device)
+        self.ema = ModelEMA(self.model) if cfg.train.ema else None
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.sampler = EpochBatchSampler(len(self.train_ds), cfg.train.batch, seed=cfg.train.seed)
+        self.schedule = LRSchedule.from_config(cfg.train, self.sampler.batches_per_epoch())
+        self.accumulate = accumulate_steps(cfg.train)
+        self.state = TrainState()
+        self.ckpt = CheckpointManager(
+            Path(cfg.ckpt.dir) if cfg.ckpt.dir else self.run_dir / "checkpoints", keep_last=cfg.ckpt.keep_last
+        )
+        self.train_loader = self._loader(self.train_ds, batch_sampler=self.sampler)
+        self.val_loader = self._loader(self.val_ds, batch_size=cfg.train.batch * 2, shuffle=False)
+        self.progress = TrainProgress(quiet=quiet)
+        self.stop_signal: str | None = None
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = -1
+        self.dataset_fingerprint = self.train_ds.fingerprint() + ":" + self.val_ds.fingerprint()
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        workers = self.cfg.train.workers
+        return DataLoader(
+            dataset,
+            num_workers=workers,
+            collate_fn=collate_fn,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            worker_init_fn=_ignore_sigint if workers > 0 else None,
+            # A private generator: creating a loader iterator must not consume the global torch RNG,
+            # or the RNG stream would depend on where a run was resumed.
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),
+            **kwargs,
+        )
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": {"weights": self.ema.ema.state_dict(), "updates": self.ema.updates} if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "train_state": self.state.state_dict(),
+            "rng": rng_state(),
+            # Gradients summed so far in an unfinished accumulation window (empty at window boundaries).
+            "pending_grads": {
+                name: p.grad for name, p in self.model.named_parameters() if p.grad is not None
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema and state["ema"]:
+            self.ema.ema.load_state_dict(state["ema"]["weights"])
+            self.ema.updates = int(state["ema"]["updates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state.load_state_dict(state["train_state"])
+        set_rng_state(state["rng"])
+        params = dict(self.model.named_parameters())
+        for name, grad in state["pending_grads"].items():
+            params[name].grad = grad.to(self.device)
+
+    def resume(self, info: CheckpointInfo) -> None:
+        state, _ = self.ckpt.load(info.path)
+        self.load_state_dict(state)
+        self.state.segment += 1
+        self._last_saved_step = self.state.global_step
+        truncate_step_log(self.run_dir / "steps.csv", self.state.global_step)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to `train.epochs`; returns the process exit code (0, or EXIT_INTERRUPTED)."""
+        with self.progress, _StopOnSignals(self):
+            while self.state.epoch < self.cfg.train.epochs:
+                self.train_epoch()
+                if self.stop_signal:
+                    break
+                self.end_epoch()
+                if self.stop_signal:
+                    break
+            if self.stop_signal:
+                self.save(reason=f"signal:{self.stop_signal}")
+                return EXIT_INTERRUPTED
+        self.progress.summary(self.state.history)
+        return 0
+
+    def train_epoch(self) -> None:
+        state, nb = self.state, self.sampler.batches_per_epoch()
+        self.sampler.set_epoch(state.epoch, start_batch=state.step_in_epoch)
+        self.model.train()
+        self.progress.start_epoch(state.epoch, self.cfg.train.epochs, nb, state.step_in_epoch)
+        for batch in self.train_loader:
+            losses, lr = self.train_step(batch)
+            state.step_in_epoch += 1
+            state.global_step += 1
+            state.epoch_loss_sum = [a + b for a, b in zip(state.epoch_loss_sum, losses, strict=True)]
+            append_step_log(self.run_dir / "steps.csv", state, losses, lr)
+            self.progress.step(state, batch["img"].shape[0])
+            if self.stop_signal:
+                return
+            if state.step_in_epoch < nb and self.step_save_due():
+                self.save(reason="interval")
+
+    def train_step(self, batch: dict) -> tuple[list[float], float]:
+        i, nb = self.state.step_in_epoch, self.sampler.batches_per_epoch()
+        lr = self.schedule.apply(self.optimizer, self.state.global_step)
+        batch = self.to_device(batch)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            loss, items = compute_loss(self.model, batch)
+        self.scaler.scale(loss).backward()
+        # Accumulation windows restart at each epoch, so the window position is a function of the step.
+        if (i + 1) % self.accumulate == 0 or i + 1 == nb:
+            self.optimizer_step()
+        return items.tolist(), lr
+
+    def optimizer_step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.cfg.train.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(self.model)
+        self.state.optimizer_steps += 1
+
+    def to_device(self, batch: dict) -> dict:
+        out = dict(batch)
+        out["img"] = batch["img"].to(self.device, non_blocking=True).float() / 255
+        for key in ("cls", "bboxes", "batch_idx"):
+            out[key] = batch[key].to(self.device)
+        return out
+
+    def end_epoch(self) -> None:
+        state, nb = self.state, self.sampler.batches_per_epoch()
+        metrics = self.validate() if self.eval_due() else {}
+        row = {"epoch": state.epoch + 1, "segment": state.segment}
+        row |= {name: value / max(state.step_in_epoch, 1) for name, value in zip(LOSS_NAMES, state.epoch_loss_sum,
+                                                                                 strict=True)}
+        row |= {"lr": self.schedule.lr_at(state.global_step - 1)} | metrics
+        state.history.append(row)
+        if "fitness" in metrics and (state.best_fitness is None or metrics["fitness"] > state.best_fitness):
+            state.best_fitness = metrics["fitness"]
+        state.epoch += 1
+        state.step_in_epoch = 0
+        state.epoch_loss_sum = [0.0] * len(LOSS_NAMES)
+        write_results_csv(self.run_dir / "results.csv", state.history)
+        self.progress.end_epoch(row, nb)
+        if self.epoch_save_due() or self.step_save_due():
+            self.save(reason="epoch")
+
+    def validate(self) -> dict[str, float]:
+        model = self.ema.ema if self.ema else self.model
+        return evaluate(model, self.val_loader, self.val_ds, self.device, self.cfg.eval)
+
+    # -- schedules ---------------------------------------------------------------------------
+    def eval_due(self) -> bool:
+        every, epoch = self.cfg.eval.every_epochs, self.state.epoch + 1
+        return every > 0 and (epoch % every == 0 or epoch == self.cfg.train.epochs)
+
+    def epoch_save_due(self) -> bool:
+        every, epoch = self.cfg.ckpt.every_epochs, self.state.epoch
+        return epoch == self.cfg.train.epochs or (every > 0 and epoch % every == 0)
+
+    def step_save_due(self) -> bool:
+        every_steps, every_min = self.cfg.ckpt.every_steps, self.cfg.ckpt.every_minutes
+        if every_steps and self.state.global_step % every_steps == 0:
+            return True
+        return bool(every_min) and time.monotonic() - self._last_save_time >= every_min * 60
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self, reason: str) -> Path | None:
+        if self.state.global_step == self._last_saved_step:
+            return None  # this exact state is already committed
+        path = self.ckpt.save(self.state_dict(), self.checkpoint_meta(reason))
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = self.state.global_step
+        self.progress.saved(path, reason)
+        return path
+
+    def checkpoint_meta(self, reason: str) -> dict:
+        state, last = self.state, (self.state.history[-1] if self.state.history else {})
+        return {
+            "kind": "epoch" if state.step_in_epoch == 0 else "step",
+            "reason": reason,
+            "epoch": state.epoch,
+            "step_in_epoch": state.step_in_epoch,
+            "global_step": state.global_step,
+            "epochs": self.cfg.train.epochs,
+            "batches_per_epoch": self.sampler.batches_per_epoch(),
+            "finished": state.epoch >= self.cfg.train.epochs and state.step_in_epoch == 0,
+            "segment": state.segment,
+            "lr": self.schedule.lr_at(max(state.global_step - 1, 0)),
+            "metrics": {k: last[k] for k in ("map50", "map", "fitness") if k in last},
+            "best_fitness": state.best_fitness,
+            "config": self.cfg.to_dict(),
+            "config_hash": self.cfg.hash(),
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "git": git_info(),
+            "versions": versions(),
+            "host": host(),
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "run_dir": str(self.run_dir.resolve()),
+        }
+
+
+class _StopOnSignals:
+    """SIGTERM / SIGUSR1 / first Ctrl-C: finish the current step, save, exit. Second Ctrl-C: abort."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name)
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.trainer.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort at once
+        self.trainer.stop_signal = name
+        self.trainer.progress.notice(f"{name} received: finishing the current step, then saving a checkpoint")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; only the main process decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# -- run-dir logs ------------------------------------------------------------------------------
+STEP_FIELDS = ("global_step", "epoch", "step_in_epoch", "lr", *LOSS_NAMES)
+
+
+def append_step_log(path: Path, state: TrainState, losses: list[float], lr: float) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(STEP_FIELDS)
+        writer.writerow([state.global_step, state.epoch, state.step_in_epoch, repr(lr), *map(repr, losses)])
+
+
+def truncate_step_log(path: Path, global_step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from: those steps are trained again."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0])
+                        <= global_step]
+    path.write_text("".join(kept))
+
+
+def write_results_csv(path: Path, history: list[dict]) -> None:
+    """Rewritten from the checkpointed history each epoch, so a resumed run never duplicates rows."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
+                             for k, v in row.items()})
+    tmp.replace(path)
