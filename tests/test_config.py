@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+from conftest import ROOT
 
 from yolo_resume.config import (
     Config,
@@ -11,7 +12,6 @@ from yolo_resume.config import (
     from_dict,
     load_config,
 )
-from conftest import ROOT
 
 
 def test_defaults_documented_for_every_key():
@@ -39,8 +39,17 @@ def test_coco_config_targets_standard_layout():
 
 
 def test_overrides_are_yaml_typed():
-    cfg = apply_overrides(Config(), ["train.epochs=3", "model.imgsz=128", "train.amp=false",
-                                     "train.lr0=1e-3", "data.names=[a, b]", "train.lr0=2"])
+    cfg = apply_overrides(
+        Config(),
+        [
+            "train.epochs=3",
+            "model.imgsz=128",
+            "train.amp=false",
+            "train.lr0=1e-3",
+            "data.names=[a, b]",
+            "train.lr0=2",
+        ],
+    )
     assert cfg.train.epochs == 3 and cfg.model.imgsz == 128 and cfg.train.amp is False
     assert cfg.data.names == ["a", "b"]
     assert cfg.train.lr0 == 2.0 and isinstance(cfg.train.lr0, float)

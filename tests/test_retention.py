@@ -53,5 +53,8 @@ def test_examples():
     old_bad = [cand(1, valid=False), cand(2), cand(3)]
     assert [c.name for c in plan_prune(old_bad, 1, 0)] == ["ckpt-000000001", "ckpt-000000002"]
     milestones = [cand(s, epoch=s, epoch_end=True) for s in range(1, 7)]
-    assert {c.name for c in plan_prune(milestones, 1, 0, 2)} == {"ckpt-000000001", "ckpt-000000003",
-                                                                  "ckpt-000000005"}
+    assert {c.name for c in plan_prune(milestones, 1, 0, 2)} == {
+        "ckpt-000000001",
+        "ckpt-000000003",
+        "ckpt-000000005",
+    }

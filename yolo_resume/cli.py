@@ -70,8 +70,16 @@ def train(
     from .session import run_training
 
     code = run_training(
-        config=config, run_dir=run_dir, overrides=set_, epochs=epochs, device=device,
-        resume=resume or resume_from is not None, resume_from=resume_from, quiet=quiet, say=out.print, warn=warn,
+        config=config,
+        run_dir=run_dir,
+        overrides=set_,
+        epochs=epochs,
+        device=device,
+        resume=resume or resume_from is not None,
+        resume_from=resume_from,
+        quiet=quiet,
+        say=out.print,
+        warn=warn,
     )
     raise typer.Exit(code)
 
@@ -128,9 +136,28 @@ def ckpt_show(
         print(json.dumps(meta, indent=2))
         return
     table = Table(title=str(ckpt), show_header=False)
-    for key in ("name", "kind", "reason", "epoch", "step_in_epoch", "global_step", "epochs", "finished",
-                "metrics", "best_fitness", "lr", "git", "versions", "device", "threads", "host", "created",
-                "config_hash", "dataset_fingerprint", "digests"):
+    for key in (
+        "name",
+        "kind",
+        "reason",
+        "epoch",
+        "step_in_epoch",
+        "global_step",
+        "epochs",
+        "finished",
+        "metrics",
+        "best_fitness",
+        "lr",
+        "git",
+        "versions",
+        "device",
+        "threads",
+        "host",
+        "created",
+        "config_hash",
+        "dataset_fingerprint",
+        "digests",
+    ):
         value = meta.get(key)
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     out.print(table)
@@ -166,11 +193,20 @@ def data_synth(
     seed: int = typer.Option(0, help="Generator seed."),
 ):
     """Write the synthetic shapes dataset (COCO format) to OUT_DIR."""
-    from .config import DataConfig, validate, Config
+    from .config import Config, DataConfig, validate
     from .data import ensure_synthetic
 
-    cfg = Config(data=DataConfig(format="synthetic", root=str(out_dir), num_train=num_train, num_val=num_val,
-                                 num_classes=num_classes, image_size=image_size, seed=seed))
+    cfg = Config(
+        data=DataConfig(
+            format="synthetic",
+            root=str(out_dir),
+            num_train=num_train,
+            num_val=num_val,
+            num_classes=num_classes,
+            image_size=image_size,
+            seed=seed,
+        )
+    )
     validate(cfg)
     path = ensure_synthetic(cfg.data)
     out.print(f"synthetic dataset ready in {path} ({num_train} train, {num_val} val images)")

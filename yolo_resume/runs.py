@@ -57,8 +57,9 @@ def most_recent_run(root: Path = RUNS_ROOT) -> Path:
             if best is None or mtime > best[0]:
                 best = (mtime, run)
     if best is None:
-        raise UserError(f"no run with checkpoints under `{root}/`; start one with `yolo-resume train` "
-                        "or pass --run-dir")
+        raise UserError(
+            f"no run with checkpoints under `{root}/`; start one with `yolo-resume train` or pass --run-dir"
+        )
     return best[1]
 
 
@@ -73,14 +74,20 @@ def find_resume_point(run_dir: Path | None, resume_from: Path | None, warn) -> t
     run_dir = run_dir or most_recent_run()
     manager = manager_for(run_dir)
     if not manager.list():
-        raise UserError(f"nothing to resume: `{manager.directory}` holds no checkpoint yet; "
-                        "start the run without --resume")
+        raise UserError(
+            f"nothing to resume: `{manager.directory}` holds no checkpoint yet; "
+            "start the run without --resume"
+        )
     info = manager.latest_valid(
-        on_invalid=lambda bad: warn(f"skipping checkpoint {bad.path}: {bad.error}; falling back to an older one")
+        on_invalid=lambda bad: warn(
+            f"skipping checkpoint {bad.path}: {bad.error}; falling back to an older one"
+        )
     )
     if info is None:
-        raise CheckpointError(f"no valid checkpoint in `{manager.directory}` (all failed verification; "
-                              "see `yolo-resume ckpt verify`)")
+        raise CheckpointError(
+            f"no valid checkpoint in `{manager.directory}` (all failed verification; "
+            "see `yolo-resume ckpt verify`)"
+        )
     return run_dir, info
 
 

@@ -26,9 +26,11 @@ def run_training(
     if resume:
         run_dir, info = find_resume_point(run_dir, resume_from, warn)
         cfg = from_dict(info.meta["config"], source=f"checkpoint {info.path}")
-        say(f"resuming run [bold]{run_dir}[/bold] from {info.name} "
+        say(
+            f"resuming run [bold]{run_dir}[/bold] from {info.name} "
             f"(epoch {info.get('epoch')}, step {info.get('step_in_epoch')} of the epoch, "
-            f"global step {info.get('global_step')})")
+            f"global step {info.get('global_step')})"
+        )
         if config is not None:
             warn("--config is ignored on resume: the run's config is taken from its checkpoint")
     else:
@@ -44,12 +46,16 @@ def run_training(
     if resume:
         done = int(info.get("epoch", 0)) >= cfg.train.epochs and int(info.get("step_in_epoch", 0)) == 0
         if done:
-            say(f"run {run_dir} is complete ({info.get('epoch')} of {cfg.train.epochs} epochs); "
-                "pass --epochs N with a larger N to train further")
+            say(
+                f"run {run_dir} is complete ({info.get('epoch')} of {cfg.train.epochs} epochs); "
+                "pass --epochs N with a larger N to train further"
+            )
             return 0
         if epochs is not None and epochs != info.get("epochs"):
-            say(f"re-planning the LR schedule for {epochs} epochs (was {info.get('epochs')}) "
-                f"from global step {info.get('global_step')}")
+            say(
+                f"re-planning the LR schedule for {epochs} epochs (was {info.get('epochs')}) "
+                f"from global step {info.get('global_step')}"
+            )
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
@@ -57,12 +63,16 @@ def run_training(
     if resume:
         trainer.resume(info)
     else:
-        say(f"training {cfg.model.cfg} on {cfg.data.format} data ({len(trainer.train_ds)} train / "
-            f"{len(trainer.val_ds)} val images) on {trainer.device}; run folder [bold]{run_dir}[/bold]")
+        say(
+            f"training {cfg.model.cfg} on {cfg.data.format} data ({len(trainer.train_ds)} train / "
+            f"{len(trainer.val_ds)} val images) on {trainer.device}; run folder [bold]{run_dir}[/bold]"
+        )
     code = trainer.fit()
     if code == EXIT_INTERRUPTED:
-        say(f"stopped by {trainer.stop_signal} after global step {trainer.state.global_step}; checkpoint saved. "
-            f"Resume with: yolo-resume train --resume --run-dir {run_dir}")
+        say(
+            f"stopped by {trainer.stop_signal} after global step {trainer.state.global_step}; checkpoint saved. "
+            f"Resume with: yolo-resume train --resume --run-dir {run_dir}"
+        )
     else:
         say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
     return code
@@ -71,11 +81,15 @@ def run_training(
 def _fresh_run_dir(run_dir: Path | None, stem: str, say) -> Path:
     if run_dir is not None:
         if has_checkpoints(run_dir):
-            raise UserError(f"run folder `{run_dir}` already holds checkpoints; continue it with --resume "
-                            "or choose another --run-dir")
+            raise UserError(
+                f"run folder `{run_dir}` already holds checkpoints; continue it with --resume "
+                "or choose another --run-dir"
+            )
         return run_dir
     chosen, unfinished = new_run_dir(stem)
     if unfinished is not None:
-        say(f"note: {unfinished} holds an unfinished run; `yolo-resume train --resume --run-dir {unfinished}` "
-            "continues it. Starting a new run instead.")
+        say(
+            f"note: {unfinished} holds an unfinished run; `yolo-resume train --resume --run-dir {unfinished}` "
+            "continues it. Starting a new run instead."
+        )
     return chosen

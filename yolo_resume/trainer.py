@@ -208,8 +208,10 @@ class Trainer:
         state, nb = self.state, self.sampler.batches_per_epoch()
         metrics = self.validate() if self.eval_due() else {}
         row = {"epoch": state.epoch + 1, "segment": state.segment}
-        row |= {name: value / max(state.step_in_epoch, 1) for name, value in zip(LOSS_NAMES, state.epoch_loss_sum,
-                                                                                 strict=True)}
+        row |= {
+            name: value / max(state.step_in_epoch, 1)
+            for name, value in zip(LOSS_NAMES, state.epoch_loss_sum, strict=True)
+        }
         row |= {"lr": self.schedule.lr_at(state.global_step - 1)} | metrics
         state.history.append(row)
         if "fitness" in metrics and (state.best_fitness is None or metrics["fitness"] > state.best_fitness):
@@ -327,8 +329,9 @@ def truncate_step_log(path: Path, global_step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0])
-                        <= global_step]
+    kept = lines[:1] + [
+        ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= global_step
+    ]
     path.write_text("".join(kept))
 
 
@@ -342,6 +345,7 @@ def write_results_csv(path: Path, history: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
-                             for k, v in row.items()})
+            writer.writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+            )
     tmp.replace(path)

@@ -138,7 +138,8 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             width, height = im.size
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    # ImportError: ultralytics patches Image.open to look for a HEIF plugin on unknown files.
+    except (OSError, UnidentifiedImageError, ValueError, ImportError) as exc:
         raise DataError(
             f"image `{path}` cannot be read ({' '.join(str(exc).split())}); replace or remove it"
         ) from None
