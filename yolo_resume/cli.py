@@ -64,23 +64,30 @@ def train(
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(False, "--resume", help="Continue the newest valid checkpoint of the run."),
     resume_from: Path = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
+    allow_drift: bool = typer.Option(False, "--allow-drift", help="Resume despite breaking config/data changes."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
 ):
     """Train a detector; with --resume, continue an interrupted run exactly where it stopped."""
     from .session import run_training
 
-    code = run_training(
-        config=config,
-        run_dir=run_dir,
-        overrides=set_,
-        epochs=epochs,
-        device=device,
-        resume=resume or resume_from is not None,
-        resume_from=resume_from,
-        quiet=quiet,
-        say=out.print,
-        warn=warn,
-    )
+    try:
+        code = run_training(
+            config=config,
+            run_dir=run_dir,
+            overrides=set_,
+            epochs=epochs,
+            device=device,
+            resume=resume or resume_from is not None,
+            resume_from=resume_from,
+            quiet=quiet,
+            say=out.print,
+            warn=warn,
+            allow_drift=allow_drift,
+        )
+    except KeyboardInterrupt:
+        # Second Ctrl-C: abort at once (click would turn this into "Aborted!" and exit 1).
+        err.print("aborted. Resume from the newest checkpoint with: yolo-resume train --resume")
+        raise typer.Exit(130) from None
     raise typer.Exit(code)
 
 
@@ -230,11 +237,7 @@ def _human_bytes(n: int) -> str:
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        err.print("aborted. Resume from the newest checkpoint with: yolo-resume train --resume")
-        sys.exit(130)
+    app()
 
 
 if __name__ == "__main__":

@@ -212,9 +212,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{source} must be a mapping of sections (data, model, train, ...), got {type(raw).__name__}"
-        )
+        raise ConfigError(f"{source} must be a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
     cfg = Config()
     for section, values in raw.items():
         if section not in SECTIONS:
@@ -297,9 +295,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.imgsz % 32:
         raise ConfigError(f"config key `model.imgsz` must be a multiple of 32, got {cfg.model.imgsz}")
     if cfg.data.format == "synthetic" and not 1 <= cfg.data.num_classes <= 6:
-        raise ConfigError(
-            f"config key `data.num_classes` must be 1-6 for synthetic data, got {cfg.data.num_classes}"
-        )
+        raise ConfigError(f"config key `data.num_classes` must be 1-6 for synthetic data, got {cfg.data.num_classes}")
     if cfg.data.format == "synthetic" and (cfg.data.num_train < 1 or cfg.data.num_val < 1):
         raise ConfigError("config keys `data.num_train` and `data.num_val` must be >= 1")
     dev = cfg.train.device

@@ -30,9 +30,7 @@ def to_original_xywh(boxes: np.ndarray, ratio_pad, ori_shape) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_coco(
-    model: torch.nn.Module, loader, class_to_category: list[int], device, cfg: EvalConfig
-) -> list:
+def predict_coco(model: torch.nn.Module, loader, class_to_category: list[int], device, cfg: EvalConfig) -> list:
     """Detections for every image of `loader`, as COCO result dicts."""
     was_training = model.training
     model.eval()

@@ -52,9 +52,7 @@ class TrainProgress:
     def step(self, state, images: int) -> None:
         self._images += images
         n = max(state.step_in_epoch, 1)
-        losses = " ".join(
-            f"{name[:3]} {v / n:.3f}" for name, v in zip(LOSS_NAMES, state.epoch_loss_sum, strict=True)
-        )
+        losses = " ".join(f"{name[:3]} {v / n:.3f}" for name, v in zip(LOSS_NAMES, state.epoch_loss_sum, strict=True))
         speed = f"{self._images / max(time.monotonic() - self._t0, 1e-9):.1f} img/s"
         self.progress.update(self.task, advance=1, losses=losses, speed=speed)
 

@@ -75,18 +75,14 @@ def find_resume_point(run_dir: Path | None, resume_from: Path | None, warn) -> t
     manager = manager_for(run_dir)
     if not manager.list():
         raise UserError(
-            f"nothing to resume: `{manager.directory}` holds no checkpoint yet; "
-            "start the run without --resume"
+            f"nothing to resume: `{manager.directory}` holds no checkpoint yet; start the run without --resume"
         )
     info = manager.latest_valid(
-        on_invalid=lambda bad: warn(
-            f"skipping checkpoint {bad.path}: {bad.error}; falling back to an older one"
-        )
+        on_invalid=lambda bad: warn(f"skipping checkpoint {bad.path}: {bad.error}; falling back to an older one")
     )
     if info is None:
         raise CheckpointError(
-            f"no valid checkpoint in `{manager.directory}` (all failed verification; "
-            "see `yolo-resume ckpt verify`)"
+            f"no valid checkpoint in `{manager.directory}` (all failed verification; see `yolo-resume ckpt verify`)"
         )
     return run_dir, info
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import apply_overrides, from_dict, load_config, set_key
+from rich.table import Table
+
+from .config import Config, apply_overrides, from_dict, load_config, set_key
+from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import UserError
 from .runs import CONFIG_FILE, find_resume_point, has_checkpoints, new_run_dir
-from .trainer import EXIT_INTERRUPTED, Trainer
+from .trainer import EXIT_INTERRUPTED, Trainer, truncate_step_log
 
 
 def run_training(
@@ -20,53 +24,51 @@ def run_training(
     resume: bool,
     resume_from: Path | None,
     quiet: bool,
-    say: Callable[[str], None],
+    say: Callable,
     warn: Callable[[str], None],
+    allow_drift: bool = False,
 ) -> int:
+    info = None
     if resume:
         run_dir, info = find_resume_point(run_dir, resume_from, warn)
-        cfg = from_dict(info.meta["config"], source=f"checkpoint {info.path}")
+        stored = from_dict(info.meta["config"], source=f"checkpoint {info.path}")
+        # The run's own config, unless the user hands in an edited one (then the drift table shows it).
+        cfg = load_config(config) if config else copy.deepcopy(stored)
         say(
-            f"resuming run [bold]{run_dir}[/bold] from {info.name} "
-            f"(epoch {info.get('epoch')}, step {info.get('step_in_epoch')} of the epoch, "
-            f"global step {info.get('global_step')})"
+            f"resuming run [bold]{run_dir}[/bold] from {info.name} (epoch {info.get('epoch')}, "
+            f"step {info.get('step_in_epoch')} of the epoch, global step {info.get('global_step')})"
         )
-        if config is not None:
-            warn("--config is ignored on resume: the run's config is taken from its checkpoint")
     else:
         cfg = load_config(config)
         run_dir = _fresh_run_dir(run_dir, Path(config).stem if config else "demo", say)
-    apply_overrides(cfg, overrides)
-    if epochs is not None:
-        set_key(cfg, "train.epochs", epochs)
-    if device is not None:
-        set_key(cfg, "train.device", device)
-    apply_overrides(cfg, [])  # re-validate after the CLI shortcuts
+    _apply_cli_settings(cfg, overrides, epochs, device)
 
-    if resume:
-        done = int(info.get("epoch", 0)) >= cfg.train.epochs and int(info.get("step_in_epoch", 0)) == 0
-        if done:
+    if info is not None and _is_complete(info, cfg):
+        say(
+            f"run {run_dir} is complete ({info.get('epoch')} of {cfg.train.epochs} epochs); "
+            "pass --epochs N with a larger N to train further"
+        )
+        return 0
+
+    trainer = Trainer(cfg, run_dir, quiet=quiet)
+    if info is not None:
+        drifts = config_drift(stored.to_dict(), cfg.to_dict()) + environment_drift(info.meta, trainer.environment())
+        _check_drift(drifts, allow_drift, say, warn)
+        if cfg.train.epochs != info.get("epochs"):
             say(
-                f"run {run_dir} is complete ({info.get('epoch')} of {cfg.train.epochs} epochs); "
-                "pass --epochs N with a larger N to train further"
-            )
-            return 0
-        if epochs is not None and epochs != info.get("epochs"):
-            say(
-                f"re-planning the LR schedule for {epochs} epochs (was {info.get('epochs')}) "
+                f"re-planning the LR schedule for {cfg.train.epochs} epochs (was {info.get('epochs')}) "
                 f"from global step {info.get('global_step')}"
             )
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
-    trainer = Trainer(cfg, run_dir, quiet=quiet)
-    if resume:
         trainer.resume(info)
     else:
+        truncate_step_log(run_dir / "steps.csv", 0)  # a fresh start owns the run folder's logs
         say(
             f"training {cfg.model.cfg} on {cfg.data.format} data ({len(trainer.train_ds)} train / "
             f"{len(trainer.val_ds)} val images) on {trainer.device}; run folder [bold]{run_dir}[/bold]"
         )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+
     code = trainer.fit()
     if code == EXIT_INTERRUPTED:
         say(
@@ -76,6 +78,39 @@ def run_training(
     else:
         say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
     return code
+
+
+def _apply_cli_settings(cfg: Config, overrides: list[str], epochs: int | None, device: str | None) -> None:
+    apply_overrides(cfg, overrides)
+    if epochs is not None:
+        set_key(cfg, "train.epochs", epochs)
+    if device is not None:
+        set_key(cfg, "train.device", device)
+    apply_overrides(cfg, [])  # re-validate after the CLI shortcuts
+
+
+def _is_complete(info, cfg: Config) -> bool:
+    return int(info.get("epoch", 0)) >= cfg.train.epochs and int(info.get("step_in_epoch", 0)) == 0
+
+
+def _check_drift(drifts: list[Drift], allow_drift: bool, say, warn) -> None:
+    if not drifts:
+        return
+    table = Table(title="differences from the checkpoint")
+    for column in ("what", "checkpoint", "now", "class", "note"):
+        table.add_column(column)
+    colors = {"harmless": "green", "schedule": "yellow", "breaking": "red"}
+    for d in drifts:
+        table.add_row(d.what, str(d.stored), str(d.current), f"[{colors[d.kind]}]{d.kind}[/]", d.note)
+    say(table)
+    breaking = [d.what for d in drifts if d.kind == BREAKING]
+    if breaking and not allow_drift:
+        raise UserError(
+            f"refusing to resume: breaking changes to {', '.join(breaking)}; revert them, "
+            "or pass --allow-drift to resume anyway"
+        )
+    if breaking:
+        warn(f"resuming despite breaking changes to {', '.join(breaking)} (--allow-drift)")
 
 
 def _fresh_run_dir(run_dir: Path | None, stem: str, say) -> Path:
@@ -89,7 +124,7 @@ def _fresh_run_dir(run_dir: Path | None, stem: str, say) -> Path:
     chosen, unfinished = new_run_dir(stem)
     if unfinished is not None:
         say(
-            f"note: {unfinished} holds an unfinished run; `yolo-resume train --resume --run-dir {unfinished}` "
-            "continues it. Starting a new run instead."
+            f"note: {unfinished} holds an unfinished run; "
+            f"`yolo-resume train --resume --run-dir {unfinished}` continues it. Starting a new run instead."
         )
     return chosen

@@ -17,7 +17,7 @@ from ultralytics.utils.torch_utils import ModelEMA
 from .checkpoint.manager import CheckpointInfo, CheckpointManager
 from .config import Config
 from .data import EpochBatchSampler, build_datasets, collate_fn
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate
 from .model import LOSS_NAMES, build_model, compute_loss
 from .optim import LRSchedule, accumulate_steps, build_optimizer
@@ -115,9 +115,7 @@ class Trainer:
             "train_state": self.state.state_dict(),
             "rng": rng_state(),
             # Gradients summed so far in an unfinished accumulation window (empty at window boundaries).
-            "pending_grads": {
-                name: p.grad for name, p in self.model.named_parameters() if p.grad is not None
-            },
+            "pending_grads": {name: p.grad for name, p in self.model.named_parameters() if p.grad is not None},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -134,8 +132,15 @@ class Trainer:
             params[name].grad = grad.to(self.device)
 
     def resume(self, info: CheckpointInfo) -> None:
-        state, _ = self.ckpt.load(info.path)
-        self.load_state_dict(state)
+        state, _ = self.ckpt.load(info.path, map_location=str(self.device))
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = " ".join(str(exc).split())[:300]
+            raise CheckpointError(
+                f"checkpoint {info.path} does not fit the current model/optimizer ({first}); "
+                "resume with the config it was saved with"
+            ) from None
         self.state.segment += 1
         self._last_saved_step = self.state.global_step
         truncate_step_log(self.run_dir / "steps.csv", self.state.global_step)
@@ -270,13 +275,18 @@ class Trainer:
             "best_fitness": state.best_fitness,
             "config": self.cfg.to_dict(),
             "config_hash": self.cfg.hash(),
+            "host": host(),
+            "run_dir": str(self.run_dir.resolve()),
+        } | self.environment()
+
+    def environment(self) -> dict:
+        """What, besides the config, decides the exact numbers (compared on resume)."""
+        return {
             "dataset_fingerprint": self.dataset_fingerprint,
             "git": git_info(),
             "versions": versions(),
-            "host": host(),
             "device": str(self.device),
             "threads": torch.get_num_threads(),
-            "run_dir": str(self.run_dir.resolve()),
         }
 
 
@@ -325,14 +335,20 @@ def append_step_log(path: Path, state: TrainState, losses: list[float], lr: floa
 
 
 def truncate_step_log(path: Path, global_step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from: those steps are trained again."""
+    """Drop rows logged after the checkpoint we resume from (those steps are trained again), and any
+    torn last line from a kill mid-write. Atomic, so a kill here cannot lose the log."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = lines[:1] + [
-        ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= global_step
-    ]
-    path.write_text("".join(kept))
+
+    def keep(line: str) -> bool:
+        fields = line.rstrip("\n").split(",")
+        complete = line.endswith("\n") and len(fields) == len(STEP_FIELDS) and fields[0].isdigit()
+        return complete and int(fields[0]) <= global_step
+
+    tmp = path.with_suffix(".csv.tmp")
+    tmp.write_text("".join([f"{','.join(STEP_FIELDS)}\n"] + [ln for ln in lines[1:] if keep(ln)]))
+    tmp.replace(path)
 
 
 def write_results_csv(path: Path, history: list[dict]) -> None:

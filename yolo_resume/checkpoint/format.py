@@ -154,9 +154,7 @@ def _dumps(obj: Any, *, indent: int | None = None) -> bytes:
     # ensure_ascii keeps lone surrogates (legal in a Python str) representable; allow_nan=False turns a
     # non-finite float that slipped past the encoder into a loud bug instead of a non-standard file.
     separators = (",", ": ") if indent else (",", ":")
-    return json.dumps(obj, allow_nan=False, ensure_ascii=True, indent=indent, separators=separators).encode(
-        "ascii"
-    )
+    return json.dumps(obj, allow_nan=False, ensure_ascii=True, indent=indent, separators=separators).encode("ascii")
 
 
 def _reject_constant(name: str) -> Any:
@@ -247,8 +245,7 @@ class _Flattener:
         for key, value in obj.items():
             if type(key) not in (str, int):
                 raise TypeError(
-                    f"cannot save dict key {key!r} ({type(key).__name__}) at {_where(path)}: "
-                    "keys must be str or int"
+                    f"cannot save dict key {key!r} ({type(key).__name__}) at {_where(path)}: keys must be str or int"
                 )
             pairs.append([key, self.encode(value, (*path, str(key)))])
         return {_TAG_DICT: pairs}
@@ -293,9 +290,7 @@ class _Flattener:
 
 def _check_numpy_dtype(dtype: np.dtype, path: tuple[str, ...]) -> None:
     if dtype.kind not in _NUMPY_KINDS or dtype.hasobject:
-        raise TypeError(
-            f"cannot save numpy dtype {dtype} at {_where(path)}: object/structured dtypes hold code"
-        )
+        raise TypeError(f"cannot save numpy dtype {dtype} at {_where(path)}: object/structured dtypes hold code")
 
 
 def _encode_npscalar(value: np.generic, path: tuple[str, ...]) -> dict[str, str]:
@@ -562,9 +557,7 @@ def _encode_files(state: dict, meta: dict) -> dict[str, bytes]:
         STATE_FILE: _dumps(skeleton),
         META_FILE: _dumps(meta_doc, indent=2),
     }
-    listing = {
-        name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()
-    }
+    listing = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": listing}
     files[MANIFEST_FILE] = _dumps(manifest, indent=2)
     return files
@@ -639,9 +632,7 @@ class _Commit:
         # rename() silently replaces an empty folder, so re-check right before it; a concurrent save that
         # wins the remaining race leaves a non-empty folder, which makes rename() fail instead.
         if os.path.lexists(self.final):
-            raise FileExistsError(
-                errno.EEXIST, "a checkpoint of this name appeared during the save", str(self.final)
-            )
+            raise FileExistsError(errno.EEXIST, "a checkpoint of this name appeared during the save", str(self.final))
         os.rename(self.tmp, self.final)
         _crash_point("after_rename")
 
@@ -803,15 +794,12 @@ def _check_folder(path: Path) -> None:
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not path.is_dir():
         # Refused by name alone: a pickle is never opened, let alone handed to torch.load.
-        raise CheckpointError(
-            f"{path} is a pickle ({suffix}); yolo-resume never unpickles checkpoints — {_FOLDER_FIX}"
-        )
+        raise CheckpointError(f"{path} is a pickle ({suffix}); yolo-resume never unpickles checkpoints — {_FOLDER_FIX}")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is not a folder; {_FOLDER_FIX}")
     if path.name.startswith(TMP_PREFIX):
         raise CheckpointError(
-            f"checkpoint {path} is the temporary folder of an unfinished save; "
-            "resume from a committed checkpoint"
+            f"checkpoint {path} is the temporary folder of an unfinished save; resume from a committed checkpoint"
         )
 
 
@@ -874,9 +862,7 @@ def _read_manifest(path: Path, listing: dict[str, os.stat_result]) -> dict[str, 
 
 def _parse_manifest(path: Path, doc: Any) -> dict[str, _Entry]:
     if type(doc) is not dict or set(doc) != {"format", "format_version", "files"}:
-        raise _refuse(
-            path, MANIFEST_FILE, "is not a yolo-resume manifest (keys format, format_version, files)"
-        )
+        raise _refuse(path, MANIFEST_FILE, "is not a yolo-resume manifest (keys format, format_version, files)")
     if doc["format"] != FORMAT_NAME:
         raise _refuse(path, MANIFEST_FILE, f"format is {doc['format']!r}, not {FORMAT_NAME!r}")
     version = doc["format_version"]
@@ -919,18 +905,14 @@ def _check_file_set(path: Path, entries: dict[str, _Entry], listing: dict[str, o
         )
     unknown = sorted(listed - set(DATA_FILES))
     if unknown:
-        raise _refuse(
-            path, repr(unknown[0]), f"unexpected file (not part of format version {FORMAT_VERSION})"
-        )
+        raise _refuse(path, repr(unknown[0]), f"unexpected file (not part of format version {FORMAT_VERSION})")
     unlisted = [name for name in DATA_FILES if name not in listed]
     if unlisted:
         raise _refuse(path, unlisted[0], "is missing from the manifest")
     for name in DATA_FILES:
         actual, expected = listing[name].st_size, entries[name].size
         if actual != expected:
-            raise _refuse(
-                path, name, f"is {actual} bytes but the manifest says {expected} (truncated or modified)"
-            )
+            raise _refuse(path, name, f"is {actual} bytes but the manifest says {expected} (truncated or modified)")
 
 
 def _check_structure(path: Path) -> dict[str, _Entry]:
@@ -951,9 +933,7 @@ def _check_tensor_file_digest(path: Path, entry: _Entry) -> None:
             digest.update(view[:count])
             total += count
     if total != entry.size or digest.hexdigest() != entry.sha256:
-        raise _refuse(
-            path, TENSORS_FILE, "SHA-256 does not match the manifest (file is corrupt or was modified)"
-        )
+        raise _refuse(path, TENSORS_FILE, "SHA-256 does not match the manifest (file is corrupt or was modified)")
 
 
 def _read_small_file(path: Path, name: str, entry: _Entry) -> bytes:
@@ -985,13 +965,9 @@ def _read_header(path: Path, file_size: int) -> dict[str, _HeaderEntry]:
             raise _refuse(path, TENSORS_FILE, f"is {file_size} bytes, too short for a safetensors header")
         length = int.from_bytes(prefix, "little")
         if length > HEADER_MAX_BYTES:
-            raise _refuse(
-                path, TENSORS_FILE, f"header length {length} exceeds the {HEADER_MAX_BYTES} byte limit"
-            )
+            raise _refuse(path, TENSORS_FILE, f"header length {length} exceeds the {HEADER_MAX_BYTES} byte limit")
         if length > file_size - 8:
-            raise _refuse(
-                path, TENSORS_FILE, f"header length {length} runs past the end of the {file_size} byte file"
-            )
+            raise _refuse(path, TENSORS_FILE, f"header length {length} runs past the end of the {file_size} byte file")
         raw = _read_exact(file, length)
     try:
         header = _loads_strict(raw)
@@ -1044,20 +1020,15 @@ def _check_coverage(path: Path, entries: dict[str, _HeaderEntry], data_size: int
             raise _refuse(
                 path,
                 TENSORS_FILE,
-                f"tensor {key!r} data_offsets end at {entry.end}, out of bounds "
-                f"of the {data_size} byte data section",
+                f"tensor {key!r} data_offsets end at {entry.end}, out of bounds of the {data_size} byte data section",
             )
         if entry.begin < cursor:
             raise _refuse(path, TENSORS_FILE, f"tensors {previous!r} and {key!r} overlap")
         if entry.begin > cursor:
-            raise _refuse(
-                path, TENSORS_FILE, f"unaccounted bytes {cursor}..{entry.begin} before tensor {key!r}"
-            )
+            raise _refuse(path, TENSORS_FILE, f"unaccounted bytes {cursor}..{entry.begin} before tensor {key!r}")
         cursor, previous = entry.end, key
     if cursor != data_size:
-        raise _refuse(
-            path, TENSORS_FILE, f"tensor data ends at {cursor} but the data section is {data_size} bytes"
-        )
+        raise _refuse(path, TENSORS_FILE, f"tensor data ends at {cursor} but the data section is {data_size} bytes")
 
 
 class _ReferenceChecker(_Decoder):

@@ -122,9 +122,7 @@ class CheckpointManager:
                 infos.append(inspect(entry, deep=deep))
         return infos
 
-    def latest_valid(
-        self, on_invalid: Callable[[CheckpointInfo], None] | None = None
-    ) -> CheckpointInfo | None:
+    def latest_valid(self, on_invalid: Callable[[CheckpointInfo], None] | None = None) -> CheckpointInfo | None:
         """The newest checkpoint that fully verifies; invalid newer ones are reported and skipped."""
         for info in reversed(self.list()):
             if info.valid:
@@ -142,8 +140,7 @@ class CheckpointManager:
     def prune(self, dry_run: bool = False) -> list[CheckpointInfo]:
         infos = self.list()
         doomed_names = {
-            c.name
-            for c in retention.plan_prune([i.candidate() for i in infos], self.keep_last, self.keep_best)
+            c.name for c in retention.plan_prune([i.candidate() for i in infos], self.keep_last, self.keep_best)
         }
         doomed = [i for i in infos if i.name in doomed_names]
         if not dry_run:

@@ -145,9 +145,7 @@ def warp(img: np.ndarray, matrix: np.ndarray, imgsz: int) -> np.ndarray:
     """Apply a continuous-coordinate affine map; OpenCV puts pixel centres at integers, hence the shifts."""
     half = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]], np.float64)
     to_cv = np.linalg.inv(half) @ matrix @ half
-    return cv2.warpAffine(
-        img, to_cv[:2], (imgsz, imgsz), flags=cv2.INTER_LINEAR, borderValue=(PAD_VALUE,) * 3
-    )
+    return cv2.warpAffine(img, to_cv[:2], (imgsz, imgsz), flags=cv2.INTER_LINEAR, borderValue=(PAD_VALUE,) * 3)
 
 
 def transform_boxes(boxes: np.ndarray, matrix: np.ndarray, imgsz: int) -> np.ndarray:

@@ -89,8 +89,7 @@ def _image_dir(root: Path, ann_path: Path, images: str, split: str) -> Path:
         if folder.is_dir():
             return folder
     raise DataError(
-        f"image folder for `{ann_path}` not found (tried `{tried[0]}` and `{tried[1]}`); "
-        f"set data.{split}_images"
+        f"image folder for `{ann_path}` not found (tried `{tried[0]}` and `{tried[1]}`); set data.{split}_images"
     )
 
 
@@ -105,9 +104,7 @@ def parse_coco(raw: bytes, path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise DataError(f"annotation file `{path}` is not UTF-8 text; re-export it as COCO JSON") from None
     if not isinstance(data, dict):
-        raise DataError(
-            f"annotation file `{path}` must hold a JSON object with images, annotations, categories"
-        )
+        raise DataError(f"annotation file `{path}` must hold a JSON object with images, annotations, categories")
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"annotation file `{path}` has no `{key}` list; is it a COCO instances file?")
@@ -192,9 +189,7 @@ class _Checker:
         if not (
             isinstance(bbox, list)
             and len(bbox) == 4
-            and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox
-            )
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
         ):
             raise self.fail(where, f"needs `bbox` as [x, y, width, height] numbers, got {bbox!r}")
         ann["bbox"] = [float(v) for v in bbox]
@@ -219,9 +214,7 @@ def coco_gt(split: Split) -> COCO:
         return coco_from_dict(parse_coco(split.coco_json.read_bytes(), split.coco_json))
     images, annotations = [], []
     for rec in split.records:
-        images.append(
-            {"id": rec.image_id, "file_name": rec.path.name, "width": rec.width, "height": rec.height}
-        )
+        images.append({"id": rec.image_id, "file_name": rec.path.name, "width": rec.width, "height": rec.height})
         for box, c in zip(rec.boxes.tolist(), rec.cls.tolist(), strict=True):
             w, h = box[2] - box[0], box[3] - box[1]
             annotations.append(

@@ -80,9 +80,7 @@ class DetectionDataset(Dataset):
         rec = self.records[index]
         ratio, _, _, left, top = aug.letterbox_geometry(rec.width, rec.height, self.imgsz)
         return {
-            "img": torch.from_numpy(
-                np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))
-            ),  # BGR -> RGB CHW
+            "img": torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))),  # BGR -> RGB CHW
             "cls": torch.from_numpy(cls.astype(np.float32).reshape(-1, 1)),
             "bboxes": torch.from_numpy(_xyxy_to_normalized_xywh(boxes, self.imgsz)),
             "image_id": rec.image_id,

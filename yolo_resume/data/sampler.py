@@ -60,19 +60,14 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if epoch < 0 or not 0 <= start_batch <= self.batches_per_epoch():
             raise ValueError(
-                f"need epoch >= 0 and 0 <= start_batch <= {self.batches_per_epoch()}, "
-                f"got {epoch}, {start_batch}"
+                f"need epoch >= 0 and 0 <= start_batch <= {self.batches_per_epoch()}, got {epoch}, {start_batch}"
             )
         self.epoch = epoch
         self.start_batch = start_batch
 
     def indices(self, epoch: int) -> np.ndarray:
         """This rank's sample order for `epoch` (all batches, including skipped ones)."""
-        order = (
-            epoch_permutation(self.num_samples, self.seed, epoch)
-            if self.shuffle
-            else np.arange(self.num_samples)
-        )
+        order = epoch_permutation(self.num_samples, self.seed, epoch) if self.shuffle else np.arange(self.num_samples)
         order = np.resize(order, self.per_rank() * self.world_size)  # np.resize pads by wrapping around
         return order[self.rank :: self.world_size]
 

@@ -51,9 +51,7 @@ def ensure_synthetic(data_cfg: DataConfig) -> Path:
     )
 
 
-def synthetic_params(
-    num_train: int, num_val: int, num_classes: int, image_size: int, seed: int
-) -> dict[str, Any]:
+def synthetic_params(num_train: int, num_val: int, num_classes: int, image_size: int, seed: int) -> dict[str, Any]:
     return {
         "generator": "yolo-resume synthetic shapes",
         "version": GENERATOR_VERSION,
@@ -189,9 +187,7 @@ def _place_object(
         if not mask.any():
             continue
         hidden = np.bincount(owner[mask], minlength=len(objects) + 1)[1:]
-        if all(
-            vis - hid >= (1 - MAX_OCCLUDED) * f for vis, hid, f in zip(visible, hidden, full, strict=True)
-        ):
+        if all(vis - hid >= (1 - MAX_OCCLUDED) * f for vis, hid, f in zip(visible, hidden, full, strict=True)):
             return cls, mask
     return None
 
@@ -286,8 +282,6 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _contrasting_color(rng: np.random.Generator, behind: np.ndarray) -> np.ndarray:
     """The most contrasting of four random vivid colors against the mean color behind the object."""
-    hsv = np.stack([rng.integers(0, 180, 4), rng.integers(150, 256, 4), rng.integers(110, 256, 4)], 1).astype(
-        np.uint8
-    )
+    hsv = np.stack([rng.integers(0, 180, 4), rng.integers(150, 256, 4), rng.integers(110, 256, 4)], 1).astype(np.uint8)
     bgr = cv2.cvtColor(hsv[None], cv2.COLOR_HSV2BGR)[0].astype(np.float32)
     return bgr[np.abs(bgr - behind).sum(1).argmax()].astype(np.uint8)

@@ -36,9 +36,7 @@ def load_yolo_split(root_opt: str, spec: str, split: str, names: list[str] | Non
     if not root.is_dir():
         raise DataError(f"dataset root `{root}` not found; check data.root")
     if not names:
-        raise DataError(
-            f"yolo dataset `{root_opt}` needs class names: set data.names or `names` in the dataset YAML"
-        )
+        raise DataError(f"yolo dataset `{root_opt}` needs class names: set data.names or `names` in the dataset YAML")
     specs = specs or [f"images/{split}"]
     images = [img for s in specs for img in _list_images(root, s, split)]
     if not images:
@@ -140,9 +138,7 @@ def image_size(path: Path) -> tuple[int, int]:
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     # ImportError: ultralytics patches Image.open to look for a HEIF plugin on unknown files.
     except (OSError, UnidentifiedImageError, ValueError, ImportError) as exc:
-        raise DataError(
-            f"image `{path}` cannot be read ({' '.join(str(exc).split())}); replace or remove it"
-        ) from None
+        raise DataError(f"image `{path}` cannot be read ({' '.join(str(exc).split())}); replace or remove it") from None
     return (height, width) if orientation in _TRANSPOSED else (width, height)
 
 
@@ -181,8 +177,7 @@ def _parse_label_line(line: str, path: Path, lineno: int, nc: int) -> list[float
         raise DataError(f"{where}: expected `class cx cy w h` (5 values), got {len(values)} values")
     if not c.is_integer() or not 0 <= c < nc:
         raise DataError(
-            f"{where}: class id {line.split()[0]} is out of range 0-{nc - 1} ({nc} names); "
-            "fix the label or data.names"
+            f"{where}: class id {line.split()[0]} is out of range 0-{nc - 1} ({nc} names); fix the label or data.names"
         )
     coords = values[1:]
     if not all(np.isfinite(coords)) or min(coords) < -_COORD_SLACK or max(coords) > 1 + _COORD_SLACK:

@@ -1,0 +1,259 @@
+"""The contract: a run interrupted at any moment and resumed ends bitwise identical to the uninterrupted
+run (model, EMA and optimizer tensors), and logs the same per-step losses."""
+
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, tiny_overrides
+
+from yolo_resume.checkpoint.format import load_checkpoint, read_meta
+from yolo_resume.drift import BREAKING, HARMLESS, SCHEDULE, classify_key, config_drift
+
+# 16 images / batch 4 = 4 batches per epoch; nbs 8 = 2 batches per optimizer step, so odd steps
+# leave accumulated gradients pending; mosaic on so augmentation is exercised.
+TINY = {"data.num_train": 16, "train.epochs": 3, "ckpt.every_steps": 1}
+TOTAL_STEPS = 12
+
+
+def sets(data_root, **extra):
+    return [arg for item in tiny_overrides(data_root, **{**TINY, **extra}) for arg in ("--set", item)]
+
+
+def final_ckpt(run: Path, step: int = TOTAL_STEPS) -> Path:
+    return run / "checkpoints" / f"ckpt-{step:09d}"
+
+
+def step_rows(run: Path, after: int = 0) -> list[list[str]]:
+    with open(run / "steps.csv") as f:
+        rows = list(csv.reader(f))[1:]
+    return [r for r in rows if int(r[0]) > after]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted reference run, with a checkpoint after every step."""
+    work = tmp_path_factory.mktemp("straight")
+    result = cli("train", "--run-dir", "run", "-q", *sets(work / "data"), cwd=work)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return work
+
+
+def assert_same_as_straight(straight: Path, run: Path, resumed_at: int = 0) -> None:
+    assert read_meta(final_ckpt(run))["digests"] == read_meta(final_ckpt(straight / "run"))["digests"]
+    assert step_rows(run, resumed_at) == step_rows(straight / "run", resumed_at)
+    assert len(step_rows(run, resumed_at)) == TOTAL_STEPS - resumed_at
+
+
+@pytest.mark.parametrize(
+    "k, where",
+    [(1, "first step, gradients pending"), (5, "mid-epoch, gradients pending"), (8, "epoch boundary")],
+)
+def test_resume_in_fresh_process_is_bitwise_exact(straight, tmp_path, k, where):
+    result = cli("train", "--resume-from", str(final_ckpt(straight / "run", k)), "--run-dir", "b", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_as_straight(straight, tmp_path / "b", resumed_at=k)
+
+
+def test_resumed_tensors_are_torch_equal(straight, tmp_path):
+    result = cli("train", "--resume-from", str(final_ckpt(straight / "run", 6)), "--run-dir", "b", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    a, _ = load_checkpoint(final_ckpt(straight / "run"))
+    b, _ = load_checkpoint(final_ckpt(tmp_path / "b"))
+    for group in ("model", "optimizer"):
+        flat_a, flat_b = _tensors(a[group]), _tensors(b[group])
+        assert flat_a.keys() == flat_b.keys() and flat_a
+        assert all(torch.equal(flat_a[key], flat_b[key]) for key in flat_a), group
+    assert all(torch.equal(a["ema"]["weights"][k], v) for k, v in b["ema"]["weights"].items())
+    assert a["ema"]["updates"] == b["ema"]["updates"]
+    assert without_segment(a["train_state"]) == without_segment(b["train_state"])
+    assert b["train_state"]["segment"] == 1  # the only difference: the resumed run knows it was resumed
+
+
+def without_segment(obj):
+    if isinstance(obj, dict):
+        return {k: without_segment(v) for k, v in obj.items() if k != "segment"}
+    return [without_segment(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def _tensors(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    out = {}
+    for key, value in items:
+        out |= _tensors(value, f"{prefix}.{key}")
+    return out
+
+
+def test_resume_with_two_workers_is_exact(straight, tmp_path):
+    """The batch stream does not depend on the worker count (a harmless drift, shown, not refused)."""
+    ckpt = final_ckpt(straight / "run", 5)
+    result = cli("train", "--resume-from", str(ckpt), "--run-dir", "b", "--set", "train.workers=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "train.workers" in result.stdout and "harmless" in result.stdout
+    assert_same_as_straight(straight, tmp_path / "b", resumed_at=5)
+
+
+# -- real interruptions ------------------------------------------------------------------------
+def launch(work: Path, data: Path, extra_env=None, **overrides) -> subprocess.Popen:
+    """Start the run in `work/k`, resuming when it already has a checkpoint."""
+    has_ckpt = (work / "k" / "checkpoints").is_dir() and any(
+        p.name.startswith("ckpt-") for p in (work / "k" / "checkpoints").iterdir()
+    )
+    args = ["--resume", "--run-dir", "k"] if has_ckpt else ["--run-dir", "k", *sets(data, **overrides)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "yolo_resume", "train", "-q", *args],
+        cwd=work,
+        env={**os.environ, **(extra_env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_new_step(work: Path, proc: subprocess.Popen, after: int, timeout: float = 120) -> int | None:
+    """Block until the run logs a step beyond `after`; None if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            rows = step_rows(work / "k")
+        except (FileNotFoundError, ValueError, IndexError):
+            rows = []
+        if rows and int(rows[-1][0]) > after:
+            return int(rows[-1][0])
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.02)
+    raise AssertionError("the run made no progress")
+
+
+def kill_and_resume_until_done(work: Path, data: Path, kills: int, seed: int) -> int:
+    rng = random.Random(seed)
+    done_kills, last_step = 0, 0
+    while True:
+        proc = launch(work, data)
+        if done_kills < kills and wait_for_new_step(work, proc, last_step) is not None:
+            time.sleep(rng.uniform(0, 0.6))  # anywhere: mid-step, mid-save, mid-validation
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            if proc.returncode == -signal.SIGKILL:
+                done_kills += 1
+            last_step = int(step_rows(work / "k")[-1][0]) if (work / "k" / "steps.csv").exists() else 0
+            continue
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out + err
+        return done_kills
+
+
+def test_sigkill_at_random_moments_then_resume_is_exact(straight, tmp_path):
+    kills = kill_and_resume_until_done(tmp_path, straight / "data", kills=5, seed=1)
+    assert kills >= 5
+    assert_same_as_straight(straight, tmp_path / "k")
+
+
+@pytest.mark.slow
+def test_thirty_sigkills_then_resume_is_exact(tmp_path):
+    long = {"data.num_train": 48, "ckpt.every_steps": 1}  # 12 batches/epoch, 36 steps
+    ref = cli("train", "--run-dir", "ref", "-q", *sets(tmp_path / "data", **long), cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    global TINY
+    saved, TINY = TINY, {**TINY, **long}
+    try:
+        kills = kill_and_resume_until_done(tmp_path, tmp_path / "data", kills=30, seed=7)
+    finally:
+        TINY = saved
+    assert kills >= 30
+    final = final_ckpt(tmp_path / "k", 36)
+    assert read_meta(final)["digests"] == read_meta(final_ckpt(tmp_path / "ref", 36))["digests"]
+    assert step_rows(tmp_path / "k") == step_rows(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_stop_signal_saves_step_checkpoint_and_resume_is_exact(straight, tmp_path, sig):
+    proc = launch(tmp_path, straight / "data", **{"ckpt.every_steps": 0})
+    seen = wait_for_new_step(tmp_path, proc, 1)
+    assert seen is not None
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out + err
+    assert f"stopped by {sig.name}" in out and "yolo-resume train --resume" in out
+    ckpts = sorted((tmp_path / "k" / "checkpoints").iterdir())
+    meta = read_meta(ckpts[-1])
+    assert meta["reason"] == f"signal:{sig.name}"
+    # Exits within one step of the signal: at most one step beyond the last step seen before it.
+    last_logged_before = seen
+    assert last_logged_before <= meta["global_step"] <= last_logged_before + 2
+    resumed = launch(tmp_path, straight / "data")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out + err
+    assert_same_as_straight(straight, tmp_path / "k")
+
+
+def test_second_ctrl_c_aborts_at_once(straight, tmp_path):
+    proc = launch(tmp_path, straight / "data", **{"ckpt.every_steps": 0})
+    assert wait_for_new_step(tmp_path, proc, 0) is not None
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "aborted" in err and "Traceback" not in err
+
+
+# -- resume with changes -----------------------------------------------------------------------
+def test_drift_classification():
+    assert classify_key("train.workers") == HARMLESS and classify_key("ckpt.every_steps") == HARMLESS
+    assert classify_key("train.epochs") == SCHEDULE and classify_key("augment.mosaic") == SCHEDULE
+    for key in ("model.imgsz", "model.cfg", "train.batch", "data.format", "train.optimizer", "train.seed"):
+        assert classify_key(key) == BREAKING, key
+    drifts = config_drift({"train": {"epochs": 3, "workers": 0}}, {"train": {"epochs": 5, "workers": 0}})
+    assert [(d.what, d.stored, d.current, d.kind) for d in drifts] == [("train.epochs", 3, 5, SCHEDULE)]
+
+
+def test_breaking_drift_refused_unless_allowed(straight, tmp_path):
+    ckpt = str(final_ckpt(straight / "run", 10))
+    refused = cli("train", "--resume-from", ckpt, "--run-dir", "b", "--set", "model.imgsz=96", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "refusing to resume: breaking changes to model.imgsz" in refused.stderr and "--allow-drift" in refused.stderr
+    assert "model.imgsz" in refused.stdout and "breaking" in refused.stdout  # the table
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    allowed = cli(
+        "train",
+        "--resume-from",
+        ckpt,
+        "--run-dir",
+        "b",
+        "--set",
+        "model.imgsz=96",
+        "--allow-drift",
+        "-q",
+        cwd=tmp_path,
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert final_ckpt(tmp_path / "b").is_dir()
+
+
+def test_extending_a_finished_run_keeps_training(straight, tmp_path):
+    result = cli(
+        "train",
+        "--resume-from",
+        str(final_ckpt(straight / "run")),
+        "--run-dir",
+        "b",
+        "--epochs",
+        "4",
+        "-q",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "re-planning the LR schedule for 4 epochs (was 3)" in result.stdout
+    meta = read_meta(final_ckpt(tmp_path / "b", 16))
+    assert meta["epoch"] == 4 and meta["finished"]
