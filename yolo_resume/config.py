@@ -109,7 +109,11 @@ class CkptConfig:
     every_epochs: int = opt(1, "Save a checkpoint every N epochs (and after the last one).")
     every_steps: int = opt(0, "Also save every N optimizer steps (0 = off).")
     every_minutes: float = opt(0.0, "Also save every M minutes of training (0 = off).")
-    keep_last: int = opt(3, "Keep the newest N checkpoints (the best one is kept too).")
+    keep_last: int = opt(3, "Keep the newest N checkpoints.")
+    keep_best: int = opt(1, "Also keep the K checkpoints with the best fitness.")
+    keep_every: int = opt(0, "Also keep every checkpoint at an epoch multiple of E (milestones; 0 = off).")
+    async_: bool = opt(True, "Write checkpoints in a background thread (training stalls only for a memory copy).")
+    max_failures: int = opt(3, "Stop training after this many consecutive failed saves (disk full, I/O error).")
 
 
 @dataclass
@@ -122,7 +126,10 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            section: {_key_name(k): v for k, v in values.items()}
+            for section, values in dataclasses.asdict(self).items()
+        }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -143,7 +150,12 @@ SECTIONS: dict[str, type] = _section_types()
 
 def all_keys() -> list[str]:
     """Every valid dotted key, e.g. `train.epochs`."""
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    return [f"{s}.{_key_name(f.name)}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _key_name(field_name: str) -> str:
+    """YAML key of a field: a trailing underscore only dodges a Python keyword (`async_` -> `async`)."""
+    return field_name.rstrip("_")
 
 
 def field_docs() -> list[tuple[str, str, Any, str]]:
@@ -153,7 +165,7 @@ def field_docs() -> list[tuple[str, str, Any, str]]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), default, f.metadata["doc"]))
+            rows.append((f"{section}.{_key_name(f.name)}", _type_name(hints[f.name]), default, f.metadata["doc"]))
     return rows
 
 
@@ -236,6 +248,8 @@ def set_key(cfg: Config, dotted: str, value: Any) -> None:
         raise ConfigError(f"unknown config key `{dotted}`{_suggest(str(dotted))}")
     section, key = parts
     hints = typing.get_type_hints(SECTIONS[section])
+    if key not in hints and f"{key}_" in hints:
+        key = f"{key}_"
     if key not in hints:
         raise ConfigError(f"unknown config key `{dotted}`{_suggest(dotted)}")
     setattr(getattr(cfg, section), key, _check_value(dotted, value, hints[key]))
@@ -276,6 +290,7 @@ def validate(cfg: Config) -> None:
         "train.nbs": cfg.train.nbs,
         "model.imgsz": cfg.model.imgsz,
         "data.image_size": cfg.data.image_size,
+        "ckpt.max_failures": cfg.ckpt.max_failures,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -286,6 +301,8 @@ def validate(cfg: Config) -> None:
         "ckpt.every_steps": cfg.ckpt.every_steps,
         "ckpt.every_minutes": cfg.ckpt.every_minutes,
         "ckpt.keep_last": cfg.ckpt.keep_last,
+        "ckpt.keep_best": cfg.ckpt.keep_best,
+        "ckpt.keep_every": cfg.ckpt.keep_every,
         "eval.every_epochs": cfg.eval.every_epochs,
         "train.warmup_epochs": cfg.train.warmup_epochs,
     }

@@ -23,3 +23,9 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, hostile or incompatible."""
+
+
+class CheckpointSaveError(UserError):
+    """Checkpoints could not be written (disk full, I/O error) often enough that training stopped."""
+
+    exit_code = 74  # sysexits EX_IOERR

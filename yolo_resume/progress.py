@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -67,9 +66,12 @@ class TrainProgress:
         parts.append(f"{elapsed:.1f}s")
         self.progress.console.print("  ".join(parts))
 
-    def saved(self, path: Path, reason: str) -> None:
+    def saved(self, result) -> None:
         if not self.quiet:
-            self.progress.console.print(f"[dim]saved checkpoint {path} ({reason})[/dim]")
+            self.progress.console.print(
+                f"[dim]saved checkpoint {result.name} (training paused {result.stall_s * 1000:.0f} ms, "
+                f"written in {result.write_s:.2f} s)[/dim]"
+            )
 
     def notice(self, message: str) -> None:
         self.progress.console.print(f"[yellow]{message}[/yellow]")

@@ -17,7 +17,7 @@ from ultralytics.utils.torch_utils import ModelEMA
 from .checkpoint.manager import CheckpointInfo, CheckpointManager
 from .config import Config
 from .data import EpochBatchSampler, build_datasets, collate_fn
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, CheckpointSaveError, ConfigError
 from .evaluate import evaluate
 from .model import LOSS_NAMES, build_model, compute_loss
 from .optim import LRSchedule, accumulate_steps, build_optimizer
@@ -80,8 +80,14 @@ class Trainer:
         self.accumulate = accumulate_steps(cfg.train)
         self.state = TrainState()
         self.ckpt = CheckpointManager(
-            Path(cfg.ckpt.dir) if cfg.ckpt.dir else self.run_dir / "checkpoints", keep_last=cfg.ckpt.keep_last
+            Path(cfg.ckpt.dir) if cfg.ckpt.dir else self.run_dir / "checkpoints",
+            keep_last=cfg.ckpt.keep_last,
+            keep_best=cfg.ckpt.keep_best,
+            keep_every=cfg.ckpt.keep_every,
+            async_save=cfg.ckpt.async_,
         )
+        self._save_failures = 0  # consecutive
+        self.resumed_from: str | None = None
         self.train_loader = self._loader(self.train_ds, batch_sampler=self.sampler)
         self.val_loader = self._loader(self.val_ds, batch_size=cfg.train.batch * 2, shuffle=False)
         self.progress = TrainProgress(quiet=quiet)
@@ -142,6 +148,7 @@ class Trainer:
                 "resume with the config it was saved with"
             ) from None
         self.state.segment += 1
+        self.resumed_from = str(info.path)
         self._last_saved_step = self.state.global_step
         truncate_step_log(self.run_dir / "steps.csv", self.state.global_step)
 
@@ -149,16 +156,18 @@ class Trainer:
     def fit(self) -> int:
         """Train to `train.epochs`; returns the process exit code (0, or EXIT_INTERRUPTED)."""
         with self.progress, _StopOnSignals(self):
-            while self.state.epoch < self.cfg.train.epochs:
-                self.train_epoch()
+            try:
+                while self.state.epoch < self.cfg.train.epochs and not self.stop_signal:
+                    self.train_epoch()
+                    if not self.stop_signal:
+                        self.end_epoch()
                 if self.stop_signal:
-                    break
-                self.end_epoch()
-                if self.stop_signal:
-                    break
-            if self.stop_signal:
-                self.save(reason=f"signal:{self.stop_signal}")
-                return EXIT_INTERRUPTED
+                    self.save(reason=f"signal:{self.stop_signal}")
+            finally:
+                self.ckpt.wait()  # never exit with a save in flight
+            self.check_saves(final=True)
+        if self.stop_signal:
+            return EXIT_INTERRUPTED
         self.progress.summary(self.state.history)
         return 0
 
@@ -174,6 +183,7 @@ class Trainer:
             state.epoch_loss_sum = [a + b for a, b in zip(state.epoch_loss_sum, losses, strict=True)]
             append_step_log(self.run_dir / "steps.csv", state, losses, lr)
             self.progress.step(state, batch["img"].shape[0])
+            self.check_saves()
             if self.stop_signal:
                 return
             if state.step_in_epoch < nb and self.step_save_due():
@@ -249,14 +259,33 @@ class Trainer:
         return bool(every_min) and time.monotonic() - self._last_save_time >= every_min * 60
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save(self, reason: str) -> Path | None:
+    def save(self, reason: str) -> None:
         if self.state.global_step == self._last_saved_step:
-            return None  # this exact state is already committed
-        path = self.ckpt.save(self.state_dict(), self.checkpoint_meta(reason))
+            return  # this exact state is already committed (or being committed)
+        self.ckpt.save(self.state_dict(), self.checkpoint_meta(reason))
         self._last_save_time = time.monotonic()
         self._last_saved_step = self.state.global_step
-        self.progress.saved(path, reason)
-        return path
+        self.check_saves()
+
+    def check_saves(self, final: bool = False) -> None:
+        """Report finished saves. A failed one is retried at the next interval; training stops after
+        `ckpt.max_failures` consecutive failures, or when the last save of the run failed."""
+        for result in self.ckpt.poll():
+            if result.error is None:
+                self._save_failures = 0
+                self.progress.saved(result)
+                continue
+            self._save_failures += 1
+            limit = self.cfg.ckpt.max_failures
+            if final or self._save_failures >= limit:
+                raise CheckpointSaveError(
+                    f"{result.error} (failure {self._save_failures} of at most {limit}); training stopped, "
+                    "resume with --resume once the disk has room"
+                )
+            self.progress.notice(
+                f"{result.error}; training continues and retries at the next interval "
+                f"(failure {self._save_failures} of at most {limit})"
+            )
 
     def checkpoint_meta(self, reason: str) -> dict:
         state, last = self.state, (self.state.history[-1] if self.state.history else {})
@@ -277,6 +306,7 @@ class Trainer:
             "config_hash": self.cfg.hash(),
             "host": host(),
             "run_dir": str(self.run_dir.resolve()),
+            "resumed_from": self.resumed_from,
         } | self.environment()
 
     def environment(self) -> dict:

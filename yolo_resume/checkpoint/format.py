@@ -578,8 +578,18 @@ def _check_name(name: str) -> None:
         )
 
 
+_crash_counts: dict[str, int] = {}
+
+
 def _crash_point(stage: str) -> None:
-    if os.environ.get(KILL_ENV) == stage:  # test hook: simulate power loss / OOM-kill right here
+    """Test hook: simulate power loss / OOM-kill right here. `KILL_ENV=stage` kills at the first
+    write reaching `stage`, `KILL_ENV=stage:N` at the N-th (so earlier checkpoints exist)."""
+    wanted = os.environ.get(KILL_ENV)
+    if not wanted or wanted.split(":")[0] != stage:
+        return
+    _crash_counts[stage] = _crash_counts.get(stage, 0) + 1
+    nth = int(wanted.split(":")[1]) if ":" in wanted else 1
+    if _crash_counts[stage] >= nth:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

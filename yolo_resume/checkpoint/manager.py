@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,9 +20,17 @@ from typing import Any
 from ..errors import CheckpointError
 from ..provenance import utc_now
 from . import retention
-from .format import load_checkpoint, read_meta, tensor_digests, verify_checkpoint, write_checkpoint
+from .format import (
+    load_checkpoint,
+    read_meta,
+    snapshot_to_cpu,
+    tensor_digests,
+    verify_checkpoint,
+    write_checkpoint,
+)
 
 NAME_RE = re.compile(r"^ckpt-(\d{9,})$")
+PIN_SUFFIX = ".pin"
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -36,6 +45,7 @@ class CheckpointInfo:
     path: Path
     meta: dict | None
     error: str | None = None
+    pinned: bool = False
 
     @property
     def valid(self) -> bool:
@@ -73,6 +83,9 @@ class CheckpointInfo:
             "git_dirty": (self.get("git") or {}).get("dirty"),
             "created": self.get("created"),
             "finished": self.get("finished", False),
+            "pinned": self.pinned,
+            "segment": self.get("segment"),
+            "resumed_from": self.get("resumed_from"),
         }
 
     def candidate(self) -> retention.Candidate:
@@ -83,25 +96,88 @@ class CheckpointInfo:
             valid=self.valid,
             fitness=self.fitness,
             epoch_end=self.get("kind") == "epoch",
+            pinned=self.pinned,
         )
 
 
+@dataclass
+class SaveResult:
+    """The outcome of one save, reported once by `CheckpointManager.poll`."""
+
+    name: str
+    error: CheckpointError | None
+    stall_s: float  # time the training thread was blocked (snapshot to CPU)
+    write_s: float = 0.0  # time to encode, write, fsync and commit (in the background when async)
+
+
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep_last: int = 3, keep_best: int = 1):
+    def __init__(
+        self,
+        directory: str | Path,
+        keep_last: int = 3,
+        keep_best: int = 1,
+        keep_every: int = 0,
+        async_save: bool = False,
+    ):
         self.directory = Path(directory)
-        self.keep_last = keep_last
-        self.keep_best = keep_best
+        self.keep_last, self.keep_best, self.keep_every = keep_last, keep_best, keep_every
+        self.async_save = async_save
+        self._worker: threading.Thread | None = None
+        self._results: list[SaveResult] = []
+        self._lock = threading.Lock()
 
     # -- writing -------------------------------------------------------------------------------
-    def save(self, state: dict, meta: dict) -> Path:
-        """Commit `state` as the checkpoint of `meta['global_step']`, then apply retention."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def save(self, state: dict, meta: dict) -> str:
+        """Commit `state` as the checkpoint of `meta['global_step']`, then apply retention.
+
+        The training thread only copies the state to CPU memory; with `async_save` a background
+        thread writes, fsyncs and commits it. At most one save is in flight: a new one first waits
+        for the previous. Failures (disk full, I/O errors) never raise here: they are reported by
+        `poll()`, and committed checkpoints are untouched."""
+        self.wait()
+        start = time.perf_counter()
+        snapshot = snapshot_to_cpu(state)
         name = checkpoint_name(int(meta["global_step"]))
-        self._move_aside_existing(name)
-        meta = {**meta, "name": name, "created": utc_now(), "digests": tensor_digests(state)}
-        path = write_checkpoint(self.directory, name, state, meta)
-        self.prune()
-        return path
+        stall = time.perf_counter() - start
+        meta = {**meta, "name": name, "save_stall_s": round(stall, 6)}
+        if self.async_save:
+            self._worker = threading.Thread(
+                target=self._commit, args=(name, snapshot, meta, stall), name=f"save-{name}", daemon=False
+            )
+            self._worker.start()
+        else:
+            self._commit(name, snapshot, meta, stall)
+        return name
+
+    def _commit(self, name: str, state: dict, meta: dict, stall: float) -> None:
+        start = time.perf_counter()
+        error = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._move_aside_existing(name)
+            meta = {**meta, "created": utc_now(), "digests": tensor_digests(state)}
+            write_checkpoint(self.directory, name, state, meta)
+            self.prune()
+            _remove_leftover_trash(self.directory)
+        except CheckpointError as exc:
+            error = exc
+        except OSError as exc:  # e.g. mkdir or rename on a full or read-only disk
+            error = CheckpointError(f"saving checkpoint {name} failed: {exc}; committed checkpoints are untouched")
+            error.errno = exc.errno
+        with self._lock:
+            self._results.append(SaveResult(name, error, stall, time.perf_counter() - start))
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed or has failed."""
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+
+    def poll(self) -> list[SaveResult]:
+        """Saves finished since the last call (successes and failures), oldest first."""
+        with self._lock:
+            results, self._results = self._results, []
+        return results
 
     def _move_aside_existing(self, name: str) -> None:
         """A folder already holds this step (a corrupt leftover, or a run resumed from further back):
@@ -109,6 +185,16 @@ class CheckpointManager:
         existing = self.directory / name
         if existing.exists():
             existing.rename(self.directory / f"{name}.superseded-{int(time.time())}")
+
+    # -- pins ----------------------------------------------------------------------------------
+    def pin(self, name: str, pinned: bool = True) -> None:
+        """Pinned checkpoints are never pruned. The pin is a sibling marker file, so the
+        checkpoint folder itself (and its manifest) stays untouched."""
+        marker = self.directory / f"{name}{PIN_SUFFIX}"
+        if pinned:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
 
     # -- reading -------------------------------------------------------------------------------
     def list(self, deep: bool = False) -> list[CheckpointInfo]:
@@ -119,7 +205,9 @@ class CheckpointManager:
         infos = []
         for entry in sorted(self.directory.iterdir()):
             if entry.is_dir() and NAME_RE.match(entry.name):
-                infos.append(inspect(entry, deep=deep))
+                info = inspect(entry, deep=deep)
+                info.pinned = (self.directory / f"{entry.name}{PIN_SUFFIX}").exists()
+                infos.append(info)
         return infos
 
     def latest_valid(self, on_invalid: Callable[[CheckpointInfo], None] | None = None) -> CheckpointInfo | None:
@@ -137,11 +225,22 @@ class CheckpointManager:
         return load_checkpoint(Path(path), map_location=map_location)
 
     # -- retention -----------------------------------------------------------------------------
-    def prune(self, dry_run: bool = False) -> list[CheckpointInfo]:
+    def prune(
+        self,
+        dry_run: bool = False,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        keep_every: int | None = None,
+    ) -> list[CheckpointInfo]:
+        """Delete what no retention policy keeps (the same pure functions `ckpt prune` uses)."""
         infos = self.list()
-        doomed_names = {
-            c.name for c in retention.plan_prune([i.candidate() for i in infos], self.keep_last, self.keep_best)
-        }
+        plan = retention.plan_prune(
+            [i.candidate() for i in infos],
+            self.keep_last if keep_last is None else keep_last,
+            self.keep_best if keep_best is None else keep_best,
+            self.keep_every if keep_every is None else keep_every,
+        )
+        doomed_names = {c.name for c in plan}
         doomed = [i for i in infos if i.name in doomed_names]
         if not dry_run:
             for info in doomed:
@@ -165,3 +264,9 @@ def delete_checkpoint(path: Path) -> None:
     trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
     path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftover_trash(directory: Path) -> None:
+    """Finish deletions that a kill interrupted (see `delete_checkpoint`)."""
+    for entry in directory.glob(".trash-*"):
+        shutil.rmtree(entry, ignore_errors=True)
