@@ -52,3 +52,53 @@ def cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600):
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# -- the shared reference run of the resume and checkpoint-store tests ----------------------------
+# 16 images / batch 4 = 4 batches per epoch; nbs 8 = 2 batches per optimizer step, so odd steps
+# leave accumulated gradients pending; mosaic on so augmentation is exercised.
+TINY = {"data.num_train": 16, "train.epochs": 3, "ckpt.every_steps": 1}
+TOTAL_STEPS = 12
+
+
+def sets(data_root, **extra):
+    return [arg for item in tiny_overrides(data_root, **{**TINY, **extra}) for arg in ("--set", item)]
+
+
+def final_ckpt(run: Path, step: int = TOTAL_STEPS) -> Path:
+    return run / "checkpoints" / f"ckpt-{step:09d}"
+
+
+def step_rows(run: Path, after: int = 0) -> list[list[str]]:
+    import csv
+
+    with open(run / "steps.csv") as f:
+        rows = list(csv.reader(f))[1:]
+    return [r for r in rows if int(r[0]) > after]
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory):
+    """The uninterrupted reference run, with a checkpoint after every step."""
+    work = tmp_path_factory.mktemp("straight")
+    result = cli("train", "--run-dir", "run", "-q", *sets(work / "data"), cwd=work)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return work
+
+
+def assert_same_as_straight(straight: Path, run: Path, resumed_at: int = 0) -> None:
+    from yolo_resume.checkpoint.format import read_meta
+
+    assert read_meta(final_ckpt(run))["digests"] == read_meta(final_ckpt(straight / "run"))["digests"]
+    assert step_rows(run, resumed_at) == step_rows(straight / "run", resumed_at)
+    assert len(step_rows(run, resumed_at)) == TOTAL_STEPS - resumed_at
+
+
+def copy_checkpoints(straight: Path, dest_run: Path, steps) -> Path:
+    """A run folder holding copies of some of the reference run's checkpoints (and its data)."""
+    import shutil
+
+    (dest_run / "checkpoints").mkdir(parents=True)
+    for step in steps:
+        shutil.copytree(final_ckpt(straight / "run", step), final_ckpt(dest_run, step))
+    return dest_run

@@ -52,9 +52,7 @@ NO_EQUAL_DTYPES = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") i
 def make_state(seed: int = 0) -> dict:
     """A small but realistic training state: model, EMA, two optimizers after a step, every RNG."""
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)
-    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     model(torch.randn(2, 3, 8, 8)).square().sum().backward()
@@ -133,9 +131,7 @@ def assert_same(a, b, path: str = "state") -> None:
         assert np.ascontiguousarray(a).tobytes() == b.tobytes() and b.flags.writeable, path
     elif isinstance(a, float) and not isinstance(a, np.generic):
         assert type(b) is float, path
-        assert (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b)), (
-            path
-        )
+        assert (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b)), path
     else:
         assert type(b) is type(a) and b == a, path
 
@@ -270,9 +266,9 @@ def test_training_step_after_resume_is_bitwise_identical(tmp_path: Path) -> None
     resumed_opt.load_state_dict(loaded["optimizer"])
     torch.set_rng_state(loaded["torch_rng"])
     step(resumed, resumed_opt)
-    assert tensor_digests(
-        {"model": resumed.state_dict(), "optimizer": resumed_opt.state_dict()}
-    ) == tensor_digests({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    assert tensor_digests({"model": resumed.state_dict(), "optimizer": resumed_opt.state_dict()}) == tensor_digests(
+        {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    )
 
 
 def test_every_supported_dtype_and_shared_storage(tmp_path: Path) -> None:
@@ -482,9 +478,7 @@ def test_fsync_error_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path: Path) -> None:
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     stale = tmp_path / f".tmp-old-{dead_pid}-abcd1234"
     mine = tmp_path / f".tmp-concurrent-{os.getpid()}-abcd1234"  # a concurrent save of this process
@@ -853,9 +847,7 @@ def test_hostile_pickle_is_never_unpickled(ckpt: Path, tmp_path: Path, no_unpick
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps(Evil(f"touch {sentinel}")))
     for loader in (verify_checkpoint, load_checkpoint, read_meta):
-        with pytest.raises(
-            CheckpointError, match=r"is a pickle \(\.pt\); yolo-resume never unpickles checkpoints"
-        ):
+        with pytest.raises(CheckpointError, match=r"is a pickle \(\.pt\); yolo-resume never unpickles checkpoints"):
             loader(evil)
     assert not is_checkpoint_dir(evil)
 

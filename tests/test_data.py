@@ -86,10 +86,7 @@ def make_yolo(root: Path, split: str = "train") -> Path:
 
 
 def items_equal(a: dict, b: dict) -> bool:
-    return (
-        all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
-        and a.keys() == b.keys()
-    )
+    return all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a) and a.keys() == b.keys()
 
 
 def batches_equal(a: dict, b: dict) -> bool:
@@ -157,9 +154,7 @@ def test_coco_fills_missing_optional_fields(tmp_path):
     ]
     write_json(
         tmp_path / "annotations" / "instances_train.json",
-        coco_dict(
-            [{"id": 1, "file_name": "a.png", "width": 20, "height": 20}], anns, [{"id": 3, "name": "q"}]
-        ),
+        coco_dict([{"id": 1, "file_name": "a.png", "width": 20, "height": 20}], anns, [{"id": 3, "name": "q"}]),
     )
     train = DetectionDataset(load_split(DataConfig(format="coco", root=str(tmp_path)), "train"), IMGSZ)
     gt = train.coco_gt()
@@ -465,9 +460,7 @@ def _rectangles_dataset(root: Path) -> Path:
         cv2.imwrite(str(root / "images" / "train" / f"{i}.png"), img)
         images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
         anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1]})
-    write_json(
-        root / "annotations" / "instances_train.json", coco_dict(images, anns, [{"id": 1, "name": "r"}])
-    )
+    write_json(root / "annotations" / "instances_train.json", coco_dict(images, anns, [{"id": 1, "name": "r"}]))
     return root
 
 
@@ -535,9 +528,7 @@ def test_collate_fn_format(synth):
     batch = collate_fn(items)
     n = sum(len(it["cls"]) for it in items)
     assert batch["img"].shape == (4, 3, IMGSZ, IMGSZ) and batch["img"].dtype == torch.uint8
-    assert (
-        batch["cls"].shape == (n, 1) and batch["bboxes"].shape == (n, 4) and batch["batch_idx"].shape == (n,)
-    )
+    assert batch["cls"].shape == (n, 1) and batch["bboxes"].shape == (n, 4) and batch["batch_idx"].shape == (n,)
     assert batch["batch_idx"].dtype == torch.float32
     expected = [i for i, it in enumerate(items) for _ in range(len(it["cls"]))]
     assert batch["batch_idx"].tolist() == expected
@@ -551,9 +542,7 @@ def test_fingerprint(tmp_path):
     assert len(fp) == 64 and fp == DetectionDataset(load_split(cfg, "train"), IMGSZ).fingerprint()
     (tmp_path / "labels" / "train" / "a.txt").write_text("1 0.5 0.5 0.2 0.41\n")
     fp2 = DetectionDataset(load_split(cfg, "train"), IMGSZ).fingerprint()
-    cv2.imwrite(
-        str(tmp_path / "images" / "train" / "b.jpg"), np.random.default_rng(0).integers(0, 255, (40, 40, 3))
-    )
+    cv2.imwrite(str(tmp_path / "images" / "train" / "b.jpg"), np.random.default_rng(0).integers(0, 255, (40, 40, 3)))
     fp3 = DetectionDataset(load_split(cfg, "train"), IMGSZ).fingerprint()
     assert len({fp, fp2, fp3}) == 3
 
@@ -578,9 +567,7 @@ def test_items_and_fingerprint_identical_in_a_fresh_process(synth):
     h = hashlib.sha256()
     for i in range(len(train)):
         item = train[(2, i)]
-        h.update(
-            item["img"].numpy().tobytes() + item["bboxes"].numpy().tobytes() + item["cls"].numpy().tobytes()
-        )
+        h.update(item["img"].numpy().tobytes() + item["bboxes"].numpy().tobytes() + item["cls"].numpy().tobytes())
     env = {"YOLO_OFFLINE": "1", "PYTHONHASHSEED": "77", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, str(synth)], capture_output=True, text=True, env=env, check=True

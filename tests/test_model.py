@@ -20,9 +20,7 @@ def test_build_is_seeded():
     a = build_model("yolov5n.yaml", 2, ["a", "b"], TrainConfig())
     torch.manual_seed(1)
     b = build_model("yolov5n.yaml", 2, ["a", "b"], TrainConfig())
-    assert all(
-        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
-    )
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_unknown_model_is_config_error():

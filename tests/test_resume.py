@@ -1,7 +1,6 @@
 """The contract: a run interrupted at any moment and resumed ends bitwise identical to the uninterrupted
 run (model, EMA and optimizer tensors), and logs the same per-step losses."""
 
-import csv
 import os
 import random
 import signal
@@ -12,44 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, tiny_overrides
+from conftest import assert_same_as_straight, cli, final_ckpt, sets, step_rows
 
 from yolo_resume.checkpoint.format import load_checkpoint, read_meta
 from yolo_resume.drift import BREAKING, HARMLESS, SCHEDULE, classify_key, config_drift
-
-# 16 images / batch 4 = 4 batches per epoch; nbs 8 = 2 batches per optimizer step, so odd steps
-# leave accumulated gradients pending; mosaic on so augmentation is exercised.
-TINY = {"data.num_train": 16, "train.epochs": 3, "ckpt.every_steps": 1}
-TOTAL_STEPS = 12
-
-
-def sets(data_root, **extra):
-    return [arg for item in tiny_overrides(data_root, **{**TINY, **extra}) for arg in ("--set", item)]
-
-
-def final_ckpt(run: Path, step: int = TOTAL_STEPS) -> Path:
-    return run / "checkpoints" / f"ckpt-{step:09d}"
-
-
-def step_rows(run: Path, after: int = 0) -> list[list[str]]:
-    with open(run / "steps.csv") as f:
-        rows = list(csv.reader(f))[1:]
-    return [r for r in rows if int(r[0]) > after]
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The uninterrupted reference run, with a checkpoint after every step."""
-    work = tmp_path_factory.mktemp("straight")
-    result = cli("train", "--run-dir", "run", "-q", *sets(work / "data"), cwd=work)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return work
-
-
-def assert_same_as_straight(straight: Path, run: Path, resumed_at: int = 0) -> None:
-    assert read_meta(final_ckpt(run))["digests"] == read_meta(final_ckpt(straight / "run"))["digests"]
-    assert step_rows(run, resumed_at) == step_rows(straight / "run", resumed_at)
-    assert len(step_rows(run, resumed_at)) == TOTAL_STEPS - resumed_at
 
 
 @pytest.mark.parametrize(
@@ -135,11 +100,11 @@ def wait_for_new_step(work: Path, proc: subprocess.Popen, after: int, timeout: f
     raise AssertionError("the run made no progress")
 
 
-def kill_and_resume_until_done(work: Path, data: Path, kills: int, seed: int) -> int:
+def kill_and_resume_until_done(work: Path, data: Path, kills: int, seed: int, **overrides) -> int:
     rng = random.Random(seed)
     done_kills, last_step = 0, 0
     while True:
-        proc = launch(work, data)
+        proc = launch(work, data, **overrides)
         if done_kills < kills and wait_for_new_step(work, proc, last_step) is not None:
             time.sleep(rng.uniform(0, 0.4))  # anywhere: mid-step, mid-save, mid-validation
             proc.send_signal(signal.SIGKILL)
@@ -164,12 +129,7 @@ def test_thirty_sigkills_then_resume_is_exact(tmp_path):
     long = {"data.num_train": 64, "ckpt.every_steps": 1}  # 16 batches/epoch, 48 steps
     ref = cli("train", "--run-dir", "ref", "-q", *sets(tmp_path / "data", **long), cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
-    global TINY
-    saved, TINY = TINY, {**TINY, **long}
-    try:
-        kills = kill_and_resume_until_done(tmp_path, tmp_path / "data", kills=30, seed=7)
-    finally:
-        TINY = saved
+    kills = kill_and_resume_until_done(tmp_path, tmp_path / "data", kills=30, seed=7, **long)
     assert kills >= 30
     final = final_ckpt(tmp_path / "k", 48)
     assert read_meta(final)["digests"] == read_meta(final_ckpt(tmp_path / "ref", 48))["digests"]

@@ -97,11 +97,12 @@ def train(
 def ckpt_list(
     run: Path = typer.Argument(None, help="Run folder (default: the most recent run under runs/)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array."),
+    fast: bool = typer.Option(False, "--fast", help="Check manifests and metadata only, do not hash tensors."),
 ):
-    """List a run's checkpoints with their epoch, step, size, mAP and status."""
+    """List a run's checkpoints: epoch, step, kind, size, mAP, git commit, created, status, best, pinned."""
     from .runs import resolve_checkpoint
 
-    rows = [info.to_json() for info in resolve_checkpoint(run)]
+    rows = [info.to_json() for info in resolve_checkpoint(run, deep=not fast)]
     best = _best_name(rows)
     for row in rows:
         row["best"] = row["name"] == best
@@ -109,24 +110,108 @@ def ckpt_list(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"checkpoints ({len(rows)})")
-    for col in ("name", "epoch", "step", "kind", "size", "mAP@.5", "mAP@.5:.95", "git", "created", "status"):
-        table.add_column(col)
+    columns = ("name", "epoch", "step", "kind", "size", "mAP@.5", "mAP@.5:.95", "git", "segment", "created", "status")
+    for col in columns:
+        table.add_column(col, no_wrap=col != "status")
     for row in rows:
         metrics = row["metrics"]
         table.add_row(
-            row["name"] + (" *" if row["best"] else ""),
-            str(row["epoch"]),
+            row["name"] + (" *" if row["best"] else "") + (" [pinned]" if row["pinned"] else ""),
+            f"{row['epoch']}" + (f"+{row['step_in_epoch']}" if row["step_in_epoch"] else ""),
             str(row["global_step"]),
-            str(row["kind"]),
+            str(row["kind"] or "-"),
             _human_bytes(row["size_bytes"]),
             _fmt(metrics.get("map50")),
             _fmt(metrics.get("map")),
             (row["git_commit"] or "-")[:8] + ("+" if row["git_dirty"] else ""),
+            "-" if row["segment"] is None else str(row["segment"]),
             str(row["created"] or "-"),
-            "valid" if row["valid"] else f"[red]invalid: {row['error']}[/red]",
+            "valid" if row["valid"] else f"[red]corrupt: {row['error']}[/red]",
         )
     out.print(table)
-    out.print("[dim]* best by fitness; + uncommitted changes in the working tree[/dim]")
+    out.print("[dim]epoch E+S: S batches into epoch E+1; * best by fitness; + uncommitted changes in the tree[/dim]")
+
+
+@ckpt_app.command("prune")
+@user_errors
+def ckpt_prune(
+    run: Path = typer.Argument(None, help="Run folder (default: the most recent run under runs/)."),
+    keep_last: int = typer.Option(3, "--keep-last", min=0, help="Keep the newest N."),
+    keep_best: int = typer.Option(1, "--keep-best", min=0, help="Keep the K best by fitness."),
+    keep_every: int = typer.Option(0, "--keep-every", min=0, help="Keep epoch-end checkpoints every E epochs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print what would be deleted."),
+):
+    """Delete checkpoints no policy keeps; pinned ones and the newest valid one always stay."""
+    from .runs import manager_for, most_recent_run
+
+    manager = manager_for(Path(run) if run else most_recent_run())
+    doomed = manager.prune(dry_run=True, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
+    freed = sum(info.size_bytes() for info in doomed)
+    verb = "would delete" if dry_run else "deleting"
+    for info in doomed:
+        out.print(f"{verb} {info.path} ({_human_bytes(info.size_bytes())})")
+    if not dry_run:
+        manager.prune(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
+    out.print(f"{len(doomed)} checkpoint(s), {_human_bytes(freed)} {'would be ' if dry_run else ''}freed")
+
+
+@ckpt_app.command("pin")
+@user_errors
+def ckpt_pin(ckpt: Path = typer.Argument(..., help="Checkpoint folder.")):
+    """Protect a checkpoint from pruning."""
+    _set_pin(ckpt, True)
+
+
+@ckpt_app.command("unpin")
+@user_errors
+def ckpt_unpin(ckpt: Path = typer.Argument(..., help="Checkpoint folder.")):
+    """Let retention prune a checkpoint again."""
+    _set_pin(ckpt, False)
+
+
+def _set_pin(ckpt: Path, pinned: bool) -> None:
+    from .checkpoint.manager import NAME_RE, CheckpointManager
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir() or not NAME_RE.match(ckpt.name):
+        raise UserError(f"`{ckpt}` is not a checkpoint folder (ckpt-<step>); see `yolo-resume ckpt list`")
+    CheckpointManager(ckpt.parent).pin(ckpt.name, pinned)
+    out.print(f"{'pinned' if pinned else 'unpinned'} {ckpt}")
+
+
+@ckpt_app.command("diff")
+@user_errors
+def ckpt_diff(
+    a: Path = typer.Argument(..., help="First checkpoint folder."),
+    b: Path = typer.Argument(..., help="Second checkpoint folder."),
+    top: int = typer.Option(15, "--top", help="Show at most this many differing tensors."),
+):
+    """Config and metadata differences, and which tensors differ and by how much."""
+    from .checkpoint.diff import diff_checkpoints
+
+    report = diff_checkpoints(Path(a), Path(b))
+    if report.metadata:
+        table = Table(title="metadata and config")
+        for col in ("what", str(a), str(b)):
+            table.add_column(col)
+        for what, va, vb in report.metadata:
+            table.add_row(what, str(va), str(vb))
+        out.print(table)
+    else:
+        out.print("metadata and config: identical")
+    out.print(
+        f"tensors: {report.equal} equal, {len(report.tensors)} differ, "
+        f"{len(report.only_a)} only in A, {len(report.only_b)} only in B"
+    )
+    if report.tensors:
+        table = Table(title=f"differing tensors (largest {min(top, len(report.tensors))})")
+        for col in ("tensor", "shape", "elements differing", "max |a-b|", "mean |a-b|"):
+            table.add_column(col)
+        for t in report.tensors[:top]:
+            table.add_row(
+                t.name, str(t.shape), f"{t.n_diff} ({t.frac_diff:.1%})", f"{t.max_abs:.3g}", f"{t.mean_abs:.3g}"
+            )
+        out.print(table)
 
 
 @ckpt_app.command("show")

@@ -87,12 +87,12 @@ def find_resume_point(run_dir: Path | None, resume_from: Path | None, warn) -> t
     return run_dir, info
 
 
-def resolve_checkpoint(arg: Path | None) -> list[CheckpointInfo]:
+def resolve_checkpoint(arg: Path | None, deep: bool = True) -> list[CheckpointInfo]:
     """A checkpoint folder, or every checkpoint of a run folder (default: the most recent run)."""
     path = Path(arg) if arg else most_recent_run()
-    if (path / "manifest.json").exists() or path.suffix in (".pt", ".pth", ".pkl"):
+    if (path / "manifest.json").exists() or path.is_file():
         return [inspect(path, deep=True)]
     if not path.exists():
         raise UserError(f"`{path}` does not exist; give a run folder or a checkpoint folder")
-    manager = manager_for(path) if not path.name == "checkpoints" else CheckpointManager(path)
-    return manager.list()
+    manager = CheckpointManager(path) if path.name == "checkpoints" else manager_for(path)
+    return manager.list(deep=deep)

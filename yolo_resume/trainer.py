@@ -290,7 +290,7 @@ class Trainer:
     def checkpoint_meta(self, reason: str) -> dict:
         state, last = self.state, (self.state.history[-1] if self.state.history else {})
         return {
-            "kind": "epoch" if state.step_in_epoch == 0 else "step",
+            "kind": "full",  # the whole training state (a "light" one would hold EMA weights only)
             "reason": reason,
             "epoch": state.epoch,
             "step_in_epoch": state.step_in_epoch,

@@ -95,7 +95,7 @@ class CheckpointInfo:
             epoch=int(self.get("epoch", 0) or 0),
             valid=self.valid,
             fitness=self.fitness,
-            epoch_end=self.get("kind") == "epoch",
+            epoch_end=self.get("step_in_epoch") == 0,
             pinned=self.pinned,
         )
 
