@@ -38,6 +38,7 @@ import secrets
 import shutil
 import signal
 import stat
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -546,21 +547,70 @@ def _decode_meta(obj: Any) -> Any:
     return obj
 
 
-def _encode_files(state: dict, meta: dict) -> dict[str, bytes]:
-    """Everything serialised in memory first: a state that cannot be stored fails before any disk write."""
+class _TensorFile:
+    """A safetensors file streamed straight from the tensors' memory, hashed while it is written.
+
+    `safetensors.torch.save` first builds the whole file as one bytes object (a full copy, plus a
+    slow shared-storage scan), then we would hash and write it: three passes over ~150 MB for a
+    YOLOv5s state. Here the header is built by hand (the layout is tiny and `verify_checkpoint`
+    plus `safetensors.load_file` check it on every load), the data is written from zero-copy views,
+    and SHA-256 runs in a second thread over the same views while the main thread writes."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        header: dict[str, Any] = {}
+        self.views: list[memoryview] = []
+        offset = 0
+        for key, tensor in tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            header[key] = {
+                "dtype": _TORCH_DTYPES[tensor.dtype][0],
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            if nbytes:  # tensors are contiguous CPU copies here (see _Flattener._add_tensor)
+                self.views.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+        blob += b" " * (-len(blob) % 8)  # data section 8-byte aligned, as safetensors writes it
+        self.prefix = len(blob).to_bytes(8, "little") + blob
+        self.size = len(self.prefix) + offset
+
+    def write(self, path: Path) -> str:
+        """Write, fsync, and return the SHA-256 of what was written."""
+        digest = hashlib.sha256()
+        chunks = [memoryview(self.prefix), *self.views]
+        hasher = threading.Thread(target=lambda: [digest.update(c) for c in chunks], name="sha256")
+        hasher.start()  # hashlib releases the GIL on large buffers: hashing overlaps the writes
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                for chunk in chunks:
+                    _write_all(fd, chunk)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            hasher.join()
+        return digest.hexdigest()
+
+
+@dataclass
+class _Encoded:
+    tensors: _TensorFile
+    json_files: dict[str, bytes]  # state.json, meta.json
+
+
+def _encode_files(state: dict, meta: dict) -> _Encoded:
+    """Everything encoded in memory first: a state that cannot be stored fails before any disk write."""
     if not isinstance(state, dict) or not isinstance(meta, dict):
         raise TypeError("write_checkpoint needs state and meta dicts")
     tensors, skeleton = flatten_state(state)
     meta_doc = _encode_meta({**meta, "format_version": FORMAT_VERSION}, ())
-    files = {
-        TENSORS_FILE: safetensors.torch.save(tensors),
-        STATE_FILE: _dumps(skeleton),
-        META_FILE: _dumps(meta_doc, indent=2),
-    }
-    listing = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": listing}
-    files[MANIFEST_FILE] = _dumps(manifest, indent=2)
-    return files
+    return _Encoded(_TensorFile(tensors), {STATE_FILE: _dumps(skeleton), META_FILE: _dumps(meta_doc, indent=2)})
+
+
+def _manifest(listing: dict[str, dict]) -> bytes:
+    return _dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": listing}, indent=2)
 
 
 def _check_name(name: str) -> None:
@@ -601,15 +651,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view[:CHUNK_BYTES])
+        if written <= 0:  # never spin on a device that accepts nothing
+            raise OSError(errno.EIO, "write accepted no bytes")
+        view = view[written:]
+
+
 def _write_file(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view[:CHUNK_BYTES])
-            if written <= 0:  # never spin on a device that accepts nothing
-                raise OSError(errno.EIO, "write accepted no bytes")
-            view = view[written:]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -624,16 +678,23 @@ class _Commit:
         self.tmp = parent / f"{TMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}"
         self.step = "creating the temporary folder"
 
-    def run(self, files: dict[str, bytes]) -> None:
+    def run(self, encoded: _Encoded) -> None:
         self.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(self.tmp, 0o755)
-        for name, stage in zip(DATA_FILES, KILL_STAGES[:3], strict=True):
+        self.step = f"writing {TENSORS_FILE}"
+        listing = {
+            TENSORS_FILE: {"size": encoded.tensors.size, "sha256": encoded.tensors.write(self.tmp / TENSORS_FILE)}
+        }
+        _crash_point(KILL_STAGES[0])
+        for name, stage in zip(DATA_FILES[1:], KILL_STAGES[1:3], strict=True):
             self.step = f"writing {name}"
-            _write_file(self.tmp / name, files[name])
+            data = encoded.json_files[name]
+            _write_file(self.tmp / name, data)
+            listing[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             _crash_point(stage)
         _crash_point("before_manifest")
         self.step = f"writing {MANIFEST_FILE}"
-        _write_file(self.tmp / MANIFEST_FILE, files[MANIFEST_FILE])
+        _write_file(self.tmp / MANIFEST_FILE, _manifest(listing))
         _crash_point("manifest_written")
         self.step = "syncing the temporary folder"
         _fsync_dir(self.tmp)
@@ -679,10 +740,10 @@ def write_checkpoint(parent: Path, name: str, state: dict, meta: dict) -> Path:
             f"checkpoint {final} already exists; checkpoints are never overwritten — save under a new name "
             "or delete it first"
         )
-    files = _encode_files(state, meta)
+    encoded = _encode_files(state, meta)
     commit = _Commit(parent, name)
     try:
-        commit.run(files)
+        commit.run(encoded)
     except BaseException as exc:
         shutil.rmtree(commit.tmp, ignore_errors=True)
         if isinstance(exc, Exception):
