@@ -69,7 +69,7 @@ class TrainProgress:
     def saved(self, result) -> None:
         if not self.quiet:
             self.progress.console.print(
-                f"[dim]saved checkpoint {result.name} (training paused {result.stall_s * 1000:.0f} ms, "
+                f"[dim]saved checkpoint {result.name} (state copied in {result.snapshot_s * 1000:.0f} ms, "
                 f"written in {result.write_s:.2f} s)[/dim]"
             )
 

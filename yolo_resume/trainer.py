@@ -47,6 +47,15 @@ class TrainState:
     def state_dict(self) -> dict:
         return asdict(self)
 
+    def state_for_save(self) -> dict:
+        """`state_dict()`, safe to hand to a background save that copies it during the next forward
+        pass: that pass updates BatchNorm statistics in place, so the model's buffers are copied
+        now; parameters, EMA, optimizer state and gradients only change after `wait_snapshot()`."""
+        state = self.state_dict()
+        buffers = {name for name, _ in self.model.named_buffers()}
+        state["model"] = {k: v.clone() if k in buffers else v for k, v in state["model"].items()}
+        return state
+
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
@@ -95,6 +104,8 @@ class Trainer:
         self._last_save_time = time.monotonic()
         self._last_saved_step = -1
         self.dataset_fingerprint = self.train_ds.fingerprint() + ":" + self.val_ds.fingerprint()
+        # Read once: the code that runs is the code loaded at start (and git costs a subprocess).
+        self.git, self.versions = git_info(), versions()
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         workers = self.cfg.train.workers
@@ -123,6 +134,15 @@ class Trainer:
             # Gradients summed so far in an unfinished accumulation window (empty at window boundaries).
             "pending_grads": {name: p.grad for name, p in self.model.named_parameters() if p.grad is not None},
         }
+
+    def state_for_save(self) -> dict:
+        """`state_dict()`, safe to hand to a background save that copies it during the next forward
+        pass: that pass updates BatchNorm statistics in place, so the model's buffers are copied
+        now; parameters, EMA, optimizer state and gradients only change after `wait_snapshot()`."""
+        state = self.state_dict()
+        buffers = {name for name, _ in self.model.named_buffers()}
+        state["model"] = {k: v.clone() if k in buffers else v for k, v in state["model"].items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -195,6 +215,7 @@ class Trainer:
         batch = self.to_device(batch)
         with torch.autocast(self.device.type, enabled=self.amp):
             loss, items = compute_loss(self.model, batch)
+        self.ckpt.wait_snapshot()  # a save in flight must copy the weights before backward changes them
         self.scaler.scale(loss).backward()
         # Accumulation windows restart at each epoch, so the window position is a function of the step.
         if (i + 1) % self.accumulate == 0 or i + 1 == nb:
@@ -262,7 +283,7 @@ class Trainer:
     def save(self, reason: str) -> None:
         if self.state.global_step == self._last_saved_step:
             return  # this exact state is already committed (or being committed)
-        self.ckpt.save(self.state_dict(), self.checkpoint_meta(reason))
+        self.ckpt.save(self.state_for_save(), self.checkpoint_meta(reason))
         self._last_save_time = time.monotonic()
         self._last_saved_step = self.state.global_step
         self.check_saves()
@@ -313,8 +334,8 @@ class Trainer:
         """What, besides the config, decides the exact numbers (compared on resume)."""
         return {
             "dataset_fingerprint": self.dataset_fingerprint,
-            "git": git_info(),
-            "versions": versions(),
+            "git": self.git,
+            "versions": self.versions,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
         }

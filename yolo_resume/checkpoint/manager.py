@@ -106,7 +106,7 @@ class SaveResult:
 
     name: str
     error: CheckpointError | None
-    stall_s: float  # time the training thread was blocked (snapshot to CPU)
+    snapshot_s: float  # time to copy the state to CPU memory (in the background when async)
     write_s: float = 0.0  # time to encode, write, fsync and commit (in the background when async)
 
 
@@ -125,31 +125,50 @@ class CheckpointManager:
         self._worker: threading.Thread | None = None
         self._results: list[SaveResult] = []
         self._lock = threading.Lock()
+        self._snapshot_taken: threading.Event | None = None
 
     # -- writing -------------------------------------------------------------------------------
     def save(self, state: dict, meta: dict) -> str:
         """Commit `state` as the checkpoint of `meta['global_step']`, then apply retention.
 
-        The training thread only copies the state to CPU memory; with `async_save` a background
-        thread writes, fsyncs and commits it. At most one save is in flight: a new one first waits
-        for the previous. Failures (disk full, I/O errors) never raise here: they are reported by
-        `poll()`, and committed checkpoints are untouched."""
+        With `async_save`, a background thread first copies the state to CPU memory, then writes,
+        fsyncs and commits it; the caller must not modify the tensors it handed over until
+        `wait_snapshot()` returns (the trainer calls it right before the next backward pass, so the
+        copy overlaps the forward pass). At most one save is in flight: a new one first waits for
+        the previous. Failures (disk full, I/O errors) never raise here: `poll()` reports them, and
+        committed checkpoints are untouched."""
         self.wait()
-        start = time.perf_counter()
-        snapshot = snapshot_to_cpu(state)
         name = checkpoint_name(int(meta["global_step"]))
-        stall = time.perf_counter() - start
-        meta = {**meta, "name": name, "save_stall_s": round(stall, 6)}
+        self._snapshot_taken = threading.Event()
         if self.async_save:
             self._worker = threading.Thread(
-                target=self._commit, args=(name, snapshot, meta, stall), name=f"save-{name}", daemon=False
+                target=self._snapshot_and_commit, args=(name, state, meta), name=f"save-{name}", daemon=False
             )
             self._worker.start()
         else:
-            self._commit(name, snapshot, meta, stall)
+            self._snapshot_and_commit(name, state, meta)
         return name
 
-    def _commit(self, name: str, state: dict, meta: dict, stall: float) -> None:
+    def wait_snapshot(self) -> None:
+        """Block until the state handed to the last `save()` has been copied (safe to modify again)."""
+        if self._snapshot_taken is not None:
+            self._snapshot_taken.wait()
+
+    def _snapshot_and_commit(self, name: str, state: dict, meta: dict) -> None:
+        start = time.perf_counter()
+        try:
+            snapshot = snapshot_to_cpu(state)
+        except BaseException as exc:  # never leave the trainer waiting on a copy that will not come
+            self._snapshot_taken.set()
+            error = CheckpointError(f"saving checkpoint {name} failed while copying the state: {exc}")
+            with self._lock:
+                self._results.append(SaveResult(name, error, time.perf_counter() - start))
+            return
+        self._snapshot_taken.set()
+        copy_s = time.perf_counter() - start
+        self._commit(name, snapshot, {**meta, "name": name, "snapshot_s": round(copy_s, 6)}, copy_s)
+
+    def _commit(self, name: str, state: dict, meta: dict, snapshot_s: float) -> None:
         start = time.perf_counter()
         error = None
         try:
@@ -165,7 +184,7 @@ class CheckpointManager:
             error = CheckpointError(f"saving checkpoint {name} failed: {exc}; committed checkpoints are untouched")
             error.errno = exc.errno
         with self._lock:
-            self._results.append(SaveResult(name, error, stall, time.perf_counter() - start))
+            self._results.append(SaveResult(name, error, snapshot_s, time.perf_counter() - start))
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed or has failed."""

@@ -1,0 +1,81 @@
+"""CheckpointManager: background saves copy the state before it may change, report failures, and
+never run two at once."""
+
+import errno
+import threading
+
+import torch
+
+from yolo_resume.checkpoint import format as fmt
+from yolo_resume.checkpoint.manager import CheckpointManager
+
+
+def state(value: float) -> dict:
+    return {"model": {"w": torch.full((256, 256), value)}, "train_state": {"global_step": 1}}
+
+
+def test_async_save_captures_the_state_at_save_time(tmp_path):
+    manager = CheckpointManager(tmp_path, async_save=True)
+    live = state(1.0)
+    manager.save(live, {"global_step": 1})
+    manager.wait_snapshot()
+    live["model"]["w"].add_(41.0)  # training goes on and mutates the weights in place
+    manager.wait()
+    [result] = manager.poll()
+    assert result.error is None and result.name == "ckpt-000000001"
+    saved, meta = fmt.load_checkpoint(tmp_path / "ckpt-000000001")
+    assert torch.equal(saved["model"]["w"], torch.full((256, 256), 1.0))
+    assert meta["digests"] == fmt.tensor_digests(state(1.0))
+
+
+def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
+    active, peak, lock = [0], [0], threading.Lock()
+    real_write = fmt.write_checkpoint
+
+    def slow_write(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            threading.Event().wait(0.05)
+            return real_write(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr("yolo_resume.checkpoint.manager.write_checkpoint", slow_write)
+    manager = CheckpointManager(tmp_path, keep_last=10, async_save=True)
+    for step in range(1, 5):
+        manager.save(state(step), {"global_step": step})
+    manager.wait()
+    assert peak[0] == 1
+    assert [r.name for r in manager.poll()] == [f"ckpt-00000000{i}" for i in range(1, 5)]
+
+
+def test_failed_background_save_is_reported_not_raised(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, async_save=True)
+    manager.save(state(1.0), {"global_step": 1})
+    manager.wait()
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fmt.os, "write", full_disk)
+    manager.save(state(2.0), {"global_step": 2})  # does not raise in the training thread
+    manager.wait()
+    results = manager.poll()
+    assert [r.error is None for r in results] == [True, False]
+    assert "No space left on device" in str(results[1].error) and results[1].error.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000000001"]  # no temp folder left behind
+    fmt.verify_checkpoint(tmp_path / "ckpt-000000001")
+
+
+def test_existing_folder_for_the_same_step_is_kept_aside(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    (tmp_path / "ckpt-000000003").mkdir()
+    (tmp_path / "ckpt-000000003" / "junk").write_text("half a checkpoint")
+    manager.save(state(3.0), {"global_step": 3})
+    assert [r.error for r in manager.poll()] == [None]
+    assert (tmp_path / "ckpt-000000003" / "manifest.json").exists()
+    assert [p.name for p in tmp_path.glob("ckpt-000000003.superseded-*")]
