@@ -32,6 +32,10 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Checkpoint cost vs torch.save and vs the raw disk (a minute or two on 2 cores); see BENCHMARKS.md.
+bench: $(STAMP)
+	$(PY) scripts/bench_checkpoint.py --repeats 5
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check yolo_resume tests scripts
 
