@@ -217,3 +217,32 @@ def test_extending_a_finished_run_keeps_training(straight, tmp_path):
     assert "re-planning the LR schedule for 4 epochs (was 3)" in result.stdout
     meta = read_meta(final_ckpt(tmp_path / "b", 16))
     assert meta["epoch"] == 4 and meta["finished"]
+
+
+def test_time_based_step_checkpoints(workdir):
+    result = cli(
+        "train",
+        "--run-dir",
+        "t",
+        "-q",
+        *sets(workdir / "data", **{"ckpt.every_steps": 0, "ckpt.every_minutes": 1e-5, "train.epochs": 1}),
+        cwd=workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    steps = sorted(int(p.name[5:]) for p in (workdir / "t" / "checkpoints").glob("ckpt-*"))
+    assert steps == [1, 2, 3, 4]  # mid-epoch saves from the clock, then the epoch-end one
+
+
+def test_resume_shows_thread_count_change(straight, tmp_path):
+    result = cli(
+        "train",
+        "--resume-from",
+        str(final_ckpt(straight / "run", 11)),
+        "--run-dir",
+        "b",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "threads" in line)
+    assert "harmless" in row and "last bits" in row

@@ -125,3 +125,23 @@ def test_default_run_dir_is_numbered_after_a_finished_run(trained):
 def test_python_dash_m_and_version(workdir):
     result = cli("--version", cwd=workdir)
     assert result.returncode == 0 and result.stdout.strip()
+
+
+def test_resume_picks_the_most_recently_updated_run(workdir):
+    for name in ("a", "b"):
+        result = cli("train", "--run-dir", f"runs/{name}", "--epochs", "1", "-q", *sets(workdir / "data"), cwd=workdir)
+        assert result.returncode == 0, result.stderr
+    resumed = cli("train", "--resume", "--epochs", "2", "-q", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming run runs/b from ckpt-000000003" in resumed.stdout
+    assert len(read_csv(workdir / "runs" / "b" / "results.csv")) == 2
+    assert len(read_csv(workdir / "runs" / "a" / "results.csv")) == 1
+
+
+def test_data_synth_command(workdir):
+    args = ["data", "synth", "shapes", "--num-train", "6", "--num-val", "2", "--image-size", "64"]
+    result = cli(*args, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    ann = json.loads((workdir / "shapes" / "annotations" / "instances_train.json").read_text())
+    assert len(ann["images"]) == 6 and {c["name"] for c in ann["categories"]} == {"circle", "square", "triangle"}
+    assert len(list((workdir / "shapes" / "images" / "val").iterdir())) == 2
