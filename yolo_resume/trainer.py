@@ -323,6 +323,7 @@ class Trainer:
             "lr": self.schedule.lr_at(max(state.global_step - 1, 0)),
             "metrics": {k: last[k] for k in ("map50", "map", "fitness") if k in last},
             "best_fitness": state.best_fitness,
+            "names": list(self.train_ds.names),
             "config": self.cfg.to_dict(),
             "config_hash": self.cfg.hash(),
             "host": host(),
