@@ -122,6 +122,9 @@ def test_sigkill_at_random_moments_then_resume_is_exact(straight, tmp_path):
     kills = kill_and_resume_until_done(tmp_path, straight / "data", kills=5, seed=1)
     assert kills >= 5
     assert_same_as_straight(straight, tmp_path / "k")
+    # Lineage: every resume after a kill says the previous segment died without a clean exit.
+    lineage = read_meta(final_ckpt(tmp_path / "k"))["lineage"]
+    assert len(lineage) >= 1 and all(e["previous_segment_ended"].startswith("killed") for e in lineage)
 
 
 @pytest.mark.slow
@@ -155,6 +158,9 @@ def test_stop_signal_saves_step_checkpoint_and_resume_is_exact(straight, tmp_pat
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out + err
     assert_same_as_straight(straight, tmp_path / "k")
+    [entry] = read_meta(final_ckpt(tmp_path / "k"))["lineage"]
+    assert entry["previous_segment_ended"] == f"stopped by {sig.name}" and entry["segment"] == 1
+    assert entry["resumed_from"] == ckpts[-1].name and entry["steps_redone"] == 0
 
 
 def test_second_ctrl_c_aborts_at_once(straight, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -37,14 +38,14 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 @app.callback(invoke_without_command=True)
@@ -65,6 +66,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the newest valid checkpoint of the run."),
     resume_from: Path = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
     allow_drift: bool = typer.Option(False, "--allow-drift", help="Resume despite breaking config/data changes."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log scalars per step to <run>/tensorboard."),
+    stop_after_steps: int = typer.Option(None, "--stop-after-steps", hidden=True, help="Used by `doctor`."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
 ):
     """Train a detector; with --resume, continue an interrupted run exactly where it stopped."""
@@ -83,6 +86,8 @@ def train(
             say=out.print,
             warn=warn,
             allow_drift=allow_drift,
+            tensorboard=tensorboard,
+            stop_after_steps=stop_after_steps,
         )
     except KeyboardInterrupt:
         # Second Ctrl-C: abort at once (click would turn this into "Aborted!" and exit 1).
@@ -126,7 +131,7 @@ def ckpt_list(
             (row["git_commit"] or "-")[:8] + ("+" if row["git_dirty"] else ""),
             "-" if row["segment"] is None else str(row["segment"]),
             str(row["created"] or "-"),
-            "valid" if row["valid"] else f"[red]corrupt: {row['error']}[/red]",
+            "valid" if row["valid"] else f"[red]corrupt: {escape(row['error'])}[/red]",
         )
     out.print(table)
     out.print("[dim]epoch E+S: S batches into epoch E+1; * best by fitness; + uncommitted changes in the tree[/dim]")
@@ -269,8 +274,43 @@ def ckpt_verify(target: Path = typer.Argument(None, help="Run folder or checkpoi
         if info.valid:
             out.print(f"[green]ok[/green]      {info.path}")
         else:
-            out.print(f"[red]invalid[/red] {info.path}: {info.error}", soft_wrap=True)
+            out.print(f"[red]invalid[/red] {info.path}: {escape(info.error)}", soft_wrap=True)
     raise typer.Exit(0 if all(i.valid for i in infos) else 1)
+
+
+@app.command()
+@user_errors
+def plot(run: Path = typer.Argument(None, help="Run folder (default: the most recent run under runs/).")):
+    """Redraw <run>/results.png from results.csv (losses, mAP, LR per epoch; resume points marked)."""
+    from .plots import plot_results
+    from .runs import most_recent_run
+
+    results = Path(run or most_recent_run()) / "results.csv"
+    if not results.is_file():
+        raise UserError(f"`{results}` not found: the run has not finished an epoch yet")
+    out.print(f"wrote {plot_results(results)}")
+
+
+@app.command()
+@user_errors
+def doctor(
+    target: Path = typer.Argument(None, help="Run or checkpoint folder (default: the most recent run)."),
+    steps: int = typer.Option(4, "--steps", min=2, help="Steps to replay from the checkpoint."),
+):
+    """Prove exact resume on this machine: replay STEPS steps from a checkpoint in one process, and again
+    with a stop and a resume in fresh processes halfway; both must end bitwise identical."""
+    from .doctor import environment_fingerprint, replay_check
+
+    table = Table(title="environment", show_header=False)
+    for key, value in environment_fingerprint().items():
+        table.add_row(key, str(value))
+    out.print(table)
+    result = replay_check(target, steps, say=out.print)
+    if result.exact:
+        out.print(f"[green]PASS[/green]: {result.summary}")
+        raise typer.Exit(0)
+    out.print(f"[red]FAIL[/red]: {result.summary}")
+    raise typer.Exit(1)
 
 
 # -- data ------------------------------------------------------------------------------------

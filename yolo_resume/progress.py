@@ -7,6 +7,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -74,7 +75,7 @@ class TrainProgress:
             )
 
     def notice(self, message: str) -> None:
-        self.progress.console.print(f"[yellow]{message}[/yellow]")
+        self.progress.console.print(f"[yellow]{escape(message)}[/yellow]")
 
     def summary(self, history: list[dict]) -> None:
         if self.quiet or not history:

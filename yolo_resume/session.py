@@ -6,11 +6,13 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from .config import Config, apply_overrides, from_dict, load_config, set_key
 from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import UserError
+from .lineage import SegmentLog
 from .runs import CONFIG_FILE, find_resume_point, has_checkpoints, new_run_dir
 from .trainer import EXIT_INTERRUPTED, Trainer, truncate_step_log
 
@@ -27,6 +29,8 @@ def run_training(
     say: Callable,
     warn: Callable[[str], None],
     allow_drift: bool = False,
+    stop_after_steps: int | None = None,
+    tensorboard: bool = False,
 ) -> int:
     info = None
     if resume:
@@ -69,7 +73,19 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
 
-    code = trainer.fit()
+    trainer.stop_after_steps = stop_after_steps
+    if tensorboard:
+        trainer.enable_tensorboard()
+    segment_log = SegmentLog(run_dir, trainer.state.segment, info.name if info else None)
+    try:
+        code = trainer.fit()
+    except KeyboardInterrupt:
+        segment_log.end("aborted by a second Ctrl-C")
+        raise
+    except Exception as exc:
+        segment_log.end(f"crashed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        raise
+    segment_log.end("completed" if code == 0 else f"stopped by {trainer.stop_signal}")
     if code == EXIT_INTERRUPTED:
         say(
             f"stopped by {trainer.stop_signal} after global step {trainer.state.global_step}; checkpoint saved. "
@@ -101,7 +117,13 @@ def _check_drift(drifts: list[Drift], allow_drift: bool, say, warn) -> None:
         table.add_column(column)
     colors = {"harmless": "green", "schedule": "yellow", "breaking": "red"}
     for d in drifts:
-        table.add_row(d.what, str(d.stored), str(d.current), f"[{colors[d.kind]}]{d.kind}[/]", d.note)
+        table.add_row(
+            escape(d.what),
+            escape(str(d.stored)),
+            escape(str(d.current)),
+            f"[{colors[d.kind]}]{d.kind}[/]",
+            escape(d.note),
+        )
     say(table)
     breaking = [d.what for d in drifts if d.kind == BREAKING]
     if breaking and not allow_drift:

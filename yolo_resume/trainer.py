@@ -17,10 +17,12 @@ from ultralytics.utils.torch_utils import ModelEMA
 from .checkpoint.manager import CheckpointInfo, CheckpointManager
 from .config import Config
 from .data import EpochBatchSampler, build_datasets, collate_fn
-from .errors import CheckpointError, CheckpointSaveError, ConfigError
+from .errors import CheckpointError, CheckpointSaveError, ConfigError, UserError
 from .evaluate import evaluate
+from .lineage import interruption_entry
 from .model import LOSS_NAMES, build_model, compute_loss
 from .optim import LRSchedule, accumulate_steps, build_optimizer
+from .plots import plot_results
 from .progress import TrainProgress
 from .provenance import git_info, host, versions
 from .seeding import configure_determinism, rng_state, seed_everything, set_rng_state
@@ -97,6 +99,10 @@ class Trainer:
         )
         self._save_failures = 0  # consecutive
         self.resumed_from: str | None = None
+        self.lineage: list[dict] = []  # one entry per resume (see lineage.py)
+        self.stop_after_steps: int | None = None  # `doctor` replays a few steps, then stops
+        self._segment_steps = 0
+        self.tb = None  # tensorboard writer, when --tensorboard
         self.train_loader = self._loader(self.train_ds, batch_sampler=self.sampler)
         self.val_loader = self._loader(self.val_ds, batch_size=cfg.train.batch * 2, shuffle=False)
         self.progress = TrainProgress(quiet=quiet)
@@ -170,7 +176,13 @@ class Trainer:
         self.state.segment += 1
         self.resumed_from = str(info.path)
         self._last_saved_step = self.state.global_step
-        truncate_step_log(self.run_dir / "steps.csv", self.state.global_step)
+        steps_log = self.run_dir / "steps.csv"
+        self.lineage = list(info.get("lineage") or []) + [
+            interruption_entry(
+                self.run_dir, self.state.segment, info.name, self.state.global_step, last_logged_step(steps_log)
+            )
+        ]
+        truncate_step_log(steps_log, self.state.global_step)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> int:
@@ -185,6 +197,8 @@ class Trainer:
                     self.save(reason=f"signal:{self.stop_signal}")
             finally:
                 self.ckpt.wait()  # never exit with a save in flight
+                if self.tb is not None:
+                    self.tb.close()
             self.check_saves(final=True)
         if self.stop_signal:
             return EXIT_INTERRUPTED
@@ -202,8 +216,14 @@ class Trainer:
             state.global_step += 1
             state.epoch_loss_sum = [a + b for a, b in zip(state.epoch_loss_sum, losses, strict=True)]
             append_step_log(self.run_dir / "steps.csv", state, losses, lr)
+            self.log_scalars(
+                {f"train/{n}": v for n, v in zip(LOSS_NAMES, losses, strict=True)} | {"lr": lr}, state.global_step
+            )
             self.progress.step(state, batch["img"].shape[0])
             self.check_saves()
+            self._segment_steps += 1
+            if self.stop_after_steps is not None and self._segment_steps >= self.stop_after_steps:
+                self.stop_signal = "STEP_LIMIT"
             if self.stop_signal:
                 return
             if state.step_in_epoch < nb and self.step_save_due():
@@ -250,15 +270,38 @@ class Trainer:
         }
         row |= {"lr": self.schedule.lr_at(state.global_step - 1)} | metrics
         state.history.append(row)
+        self.log_scalars({f"val/{k}": v for k, v in metrics.items()}, state.global_step)
         if "fitness" in metrics and (state.best_fitness is None or metrics["fitness"] > state.best_fitness):
             state.best_fitness = metrics["fitness"]
         state.epoch += 1
         state.step_in_epoch = 0
         state.epoch_loss_sum = [0.0] * len(LOSS_NAMES)
         write_results_csv(self.run_dir / "results.csv", state.history)
+        self.redraw_plot()
         self.progress.end_epoch(row, nb)
         if self.epoch_save_due() or self.step_save_due():
             self.save(reason="epoch")
+
+    def enable_tensorboard(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError(
+                "--tensorboard needs the tensorboard package: pip install 'yolo-resume[tensorboard]'"
+            ) from None
+        # purge_step drops events a killed segment logged after the checkpoint we resumed from.
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.state.global_step + 1)
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+
+    def redraw_plot(self) -> None:
+        try:
+            plot_results(self.run_dir / "results.csv")
+        except Exception as exc:  # a plot must never stop training
+            self.progress.notice(f"could not draw results.png: {type(exc).__name__}: {exc}")
 
     def validate(self) -> dict[str, float]:
         model = self.ema.ema if self.ema else self.model
@@ -329,6 +372,7 @@ class Trainer:
             "host": host(),
             "run_dir": str(self.run_dir.resolve()),
             "resumed_from": self.resumed_from,
+            "lineage": self.lineage,
         } | self.environment()
 
     def environment(self) -> dict:
@@ -401,6 +445,14 @@ def truncate_step_log(path: Path, global_step: int) -> None:
     tmp = path.with_suffix(".csv.tmp")
     tmp.write_text("".join([f"{','.join(STEP_FIELDS)}\n"] + [ln for ln in lines[1:] if keep(ln)]))
     tmp.replace(path)
+
+
+def last_logged_step(path: Path) -> int | None:
+    """The highest global step in the step log (what the interrupted segment had reached)."""
+    if not path.exists():
+        return None
+    steps = [int(ln.split(",", 1)[0]) for ln in path.read_text().splitlines()[1:] if ln.split(",", 1)[0].isdigit()]
+    return max(steps, default=None)
 
 
 def write_results_csv(path: Path, history: list[dict]) -> None:

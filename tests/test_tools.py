@@ -1,0 +1,62 @@
+"""plot, doctor, tensorboard: the tools around a run."""
+
+from conftest import cli, copy_checkpoints, final_ckpt
+
+
+def test_plot_marks_resume_points(straight, tmp_path):
+    run = copy_checkpoints(straight, tmp_path / "b", [4])
+    assert cli("train", "--resume", "--run-dir", str(run), "-q", cwd=tmp_path).returncode == 0
+    png = run / "results.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn at each epoch end
+    png.unlink()
+    result = cli("plot", str(run), cwd=tmp_path)
+    assert result.returncode == 0 and png.stat().st_size > 10_000
+    from yolo_resume.plots import read_results, resume_points
+
+    rows = [{"epoch": "1", "segment": "0"}, {"epoch": "2", "segment": "0"}, {"epoch": "3", "segment": "1"}]
+    assert resume_points(rows) == [2.5]
+    rows = read_results(run / "results.csv")
+    assert [r["segment"] for r in rows] == ["0", "1", "1"]  # epoch 1 came from the checkpoint's history
+    assert resume_points(rows) == [1.5]
+
+
+def test_plot_without_results_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = cli("plot", "empty", cwd=tmp_path)
+    assert result.returncode == 2 and "has not finished an epoch" in result.stderr
+
+
+def test_doctor_proves_exact_resume_from_a_checkpoint(straight, tmp_path):
+    result = cli("doctor", str(final_ckpt(straight / "run", 5)), "--steps", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS" in result.stdout and "agree bitwise" in result.stdout
+    for key in ("torch", "CUDA", "torch threads", "device"):
+        assert key in result.stdout
+
+
+def test_tensorboard_without_the_extra_is_a_clear_error(straight, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        result = cli(
+            "train",
+            "--resume-from",
+            str(final_ckpt(straight / "run", 11)),
+            "--run-dir",
+            "b",
+            "--tensorboard",
+            cwd=tmp_path,
+        )
+        assert result.returncode == 2 and "pip install 'yolo-resume[tensorboard]'" in result.stderr
+    else:
+        result = cli(
+            "train",
+            "--resume-from",
+            str(final_ckpt(straight / "run", 11)),
+            "--run-dir",
+            "b",
+            "--tensorboard",
+            "-q",
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0 and any((tmp_path / "b" / "tensorboard").iterdir())
