@@ -67,6 +67,12 @@ def train(
     resume_from: Path = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
     allow_drift: bool = typer.Option(False, "--allow-drift", help="Resume despite breaking config/data changes."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log scalars per step to <run>/tensorboard."),
+    init_weights: Path = typer.Option(
+        None, "--init-weights", help="Start a new run from these weights (checkpoint, .safetensors or .pt)."
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="Allow --init-weights to unpickle a .pt (can run code: trusted files only)."
+    ),
     stop_after_steps: int = typer.Option(None, "--stop-after-steps", hidden=True, help="Used by `doctor`."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
 ):
@@ -87,6 +93,8 @@ def train(
             warn=warn,
             allow_drift=allow_drift,
             tensorboard=tensorboard,
+            init_weights=init_weights,
+            trust_pickle=trust_pickle,
             stop_after_steps=stop_after_steps,
         )
     except KeyboardInterrupt:
@@ -217,6 +225,21 @@ def ckpt_diff(
                 t.name, str(t.shape), f"{t.n_diff} ({t.frac_diff:.1%})", f"{t.max_abs:.3g}", f"{t.mean_abs:.3g}"
             )
         out.print(table)
+
+
+@ckpt_app.command("export")
+@user_errors
+def ckpt_export(
+    ckpt: Path = typer.Argument(..., help="Checkpoint folder."),
+    fmt: str = typer.Option("ultralytics", "--format", "-f", help="ultralytics (.pt), safetensors or onnx."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output file (or folder)."),
+    weights: str = typer.Option("ema", "--weights", help="ema (default) or model."),
+):
+    """Export weights for deployment: an ultralytics .pt that YOLO(...) loads, safetensors, or ONNX."""
+    from .interop import export_checkpoint
+
+    path = export_checkpoint(Path(ckpt), fmt, Path(output), weights=weights)
+    out.print(f"exported {ckpt} ({weights} weights) to {path}")
 
 
 @ckpt_app.command("show")

@@ -31,8 +31,12 @@ def run_training(
     allow_drift: bool = False,
     stop_after_steps: int | None = None,
     tensorboard: bool = False,
+    init_weights: Path | None = None,
+    trust_pickle: bool = False,
 ) -> int:
     info = None
+    if resume and init_weights is not None:
+        raise UserError("--init-weights starts a new run; a resumed run continues from its own checkpoint")
     if resume:
         run_dir, info = find_resume_point(run_dir, resume_from, warn)
         stored = from_dict(info.meta["config"], source=f"checkpoint {info.path}")
@@ -66,6 +70,9 @@ def run_training(
         trainer.resume(info)
     else:
         truncate_step_log(run_dir / "steps.csv", 0)  # a fresh start owns the run folder's logs
+        if init_weights is not None:
+            transferred, total = trainer.init_weights(init_weights, trust_pickle)
+            say(f"initialised {transferred} of {total} tensors from {init_weights}")
         say(
             f"training {cfg.model.cfg} on {cfg.data.format} data ({len(trainer.train_ds)} train / "
             f"{len(trainer.val_ds)} val images) on {trainer.device}; run folder [bold]{run_dir}[/bold]"

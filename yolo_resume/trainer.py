@@ -19,6 +19,7 @@ from .config import Config
 from .data import EpochBatchSampler, build_datasets, collate_fn
 from .errors import CheckpointError, CheckpointSaveError, ConfigError, UserError
 from .evaluate import evaluate
+from .interop import load_init_weights
 from .lineage import interruption_entry
 from .model import LOSS_NAMES, build_model, compute_loss
 from .optim import LRSchedule, accumulate_steps, build_optimizer
@@ -48,15 +49,6 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return asdict(self)
-
-    def state_for_save(self) -> dict:
-        """`state_dict()`, safe to hand to a background save that copies it during the next forward
-        pass: that pass updates BatchNorm statistics in place, so the model's buffers are copied
-        now; parameters, EMA, optimizer state and gradients only change after `wait_snapshot()`."""
-        state = self.state_dict()
-        buffers = {name for name, _ in self.model.named_buffers()}
-        state["model"] = {k: v.clone() if k in buffers else v for k, v in state["model"].items()}
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
@@ -103,6 +95,7 @@ class Trainer:
         self.stop_after_steps: int | None = None  # `doctor` replays a few steps, then stops
         self._segment_steps = 0
         self.tb = None  # tensorboard writer, when --tensorboard
+        self.initial_weights: str | None = None  # --init-weights
         self.train_loader = self._loader(self.train_ds, batch_sampler=self.sampler)
         self.val_loader = self._loader(self.val_ds, batch_size=cfg.train.batch * 2, shuffle=False)
         self.progress = TrainProgress(quiet=quiet)
@@ -282,6 +275,14 @@ class Trainer:
         if self.epoch_save_due() or self.step_save_due():
             self.save(reason="epoch")
 
+    def init_weights(self, path: Path, trust_pickle: bool) -> tuple[int, int]:
+        """Start from existing weights (a fresh run only); the EMA restarts from them too."""
+        transferred, total = load_init_weights(self.model, Path(path), trust_pickle)
+        if self.ema:
+            self.ema = ModelEMA(self.model)
+        self.initial_weights = str(path)
+        return transferred, total
+
     def enable_tensorboard(self) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -373,6 +374,7 @@ class Trainer:
             "run_dir": str(self.run_dir.resolve()),
             "resumed_from": self.resumed_from,
             "lineage": self.lineage,
+            "init_weights": self.initial_weights,
         } | self.environment()
 
     def environment(self) -> dict:

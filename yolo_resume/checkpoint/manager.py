@@ -86,6 +86,7 @@ class CheckpointInfo:
             "pinned": self.pinned,
             "segment": self.get("segment"),
             "resumed_from": self.get("resumed_from"),
+            "lineage": self.get("lineage") or [],
         }
 
     def candidate(self) -> retention.Candidate:
