@@ -60,3 +60,29 @@ def test_tensorboard_without_the_extra_is_a_clear_error(straight, tmp_path):
             cwd=tmp_path,
         )
         assert result.returncode == 0 and any((tmp_path / "b" / "tensorboard").iterdir())
+
+
+def test_export_then_start_a_new_run_from_it(straight, tmp_path):
+    from conftest import sets
+
+    from yolo_resume.checkpoint.format import read_meta
+
+    ckpt = final_ckpt(straight / "run")
+    exported = cli("ckpt", "export", str(ckpt), "--format", "ultralytics", "-o", "model.pt", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "model.pt").stat().st_size > 1_000_000
+    fresh = ["train", "--run-dir", "new", "-q", "--init-weights", "model.pt", *sets(straight / "data")]
+    refused = cli(*fresh, "--epochs", "1", cwd=tmp_path)
+    assert (
+        refused.returncode == 2
+        and "--trust-pickle" in refused.stderr
+        and not (tmp_path / "new" / "checkpoints").exists()
+    )
+    trusted = cli(*fresh, "--epochs", "1", "--trust-pickle", cwd=tmp_path)
+    assert trusted.returncode == 0, trusted.stderr
+    meta = read_meta(final_ckpt(tmp_path / "new", 4))
+    assert meta["init_weights"] == "model.pt"
+    weights = cli("ckpt", "export", str(ckpt), "--format", "safetensors", "-o", "w.safetensors", cwd=tmp_path)
+    assert weights.returncode == 0 and (tmp_path / "w.safetensors").exists()
+    on_resume = cli("train", "--resume", "--run-dir", "new", "--init-weights", "w.safetensors", cwd=tmp_path)
+    assert on_resume.returncode == 2 and "starts a new run" in on_resume.stderr
