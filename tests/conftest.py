@@ -7,6 +7,8 @@ import pytest
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(__file__).resolve().parents[1] / ".ultralytics"))
 
+import yolo_resume  # noqa: E402,F401  (pins OMP_NUM_THREADS before any test imports ultralytics)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
