@@ -34,32 +34,36 @@ def test_doctor_proves_exact_resume_from_a_checkpoint(straight, tmp_path):
         assert key in result.stdout
 
 
-def test_tensorboard_without_the_extra_is_a_clear_error(straight, tmp_path):
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        result = cli(
-            "train",
-            "--resume-from",
-            str(final_ckpt(straight / "run", 11)),
-            "--run-dir",
-            "b",
-            "--tensorboard",
-            cwd=tmp_path,
-        )
-        assert result.returncode == 2 and "pip install 'yolo-resume[tensorboard]'" in result.stderr
-    else:
-        result = cli(
-            "train",
-            "--resume-from",
-            str(final_ckpt(straight / "run", 11)),
-            "--run-dir",
-            "b",
-            "--tensorboard",
-            "-q",
-            cwd=tmp_path,
-        )
-        assert result.returncode == 0 and any((tmp_path / "b" / "tensorboard").iterdir())
+def test_tensorboard_logs_each_step_and_drops_events_past_the_resume_point(straight, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = copy_checkpoints(straight, tmp_path / "b", [10])
+    args = ["train", "--resume", "--run-dir", str(run), "--tensorboard", "-q"]
+    assert cli(*args, "--stop-after-steps", "1", cwd=tmp_path).returncode == 75  # logs step 11, stops
+    (run / "checkpoints" / "ckpt-000000011").rename(run / "checkpoints" / "dropped")  # resume at 10 again
+    assert cli(*args, cwd=tmp_path).returncode == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/box_loss")]
+    assert steps == [11, 12]  # step 11 once: the re-trained one replaced the first
+    assert "val/map50" in events.Tags()["scalars"]
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(straight, tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "tensorboard.py").write_text("raise ImportError('hidden for this test')\n")
+    result = cli(
+        "train",
+        "--resume-from",
+        str(final_ckpt(straight / "run", 11)),
+        "--run-dir",
+        "b",
+        "--tensorboard",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(hide)},
+    )
+    assert result.returncode == 2 and "pip install 'yolo-resume[tensorboard]'" in result.stderr
 
 
 def test_export_then_start_a_new_run_from_it(straight, tmp_path):
