@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
 
+from .checkpoint.manager import CheckpointInfo
 from .config import Config, apply_overrides, from_dict, load_config, set_key
 from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import UserError
@@ -34,23 +34,11 @@ def run_training(
     init_weights: Path | None = None,
     trust_pickle: bool = False,
 ) -> int:
-    info = None
     if resume and init_weights is not None:
         raise UserError("--init-weights starts a new run; a resumed run continues from its own checkpoint")
-    if resume:
-        run_dir, info = find_resume_point(run_dir, resume_from, warn)
-        stored = from_dict(info.meta["config"], source=f"checkpoint {info.path}")
-        # The run's own config, unless the user hands in an edited one (then the drift table shows it).
-        cfg = load_config(config) if config else copy.deepcopy(stored)
-        say(
-            f"resuming run [bold]{run_dir}[/bold] from {info.name} (epoch {info.get('epoch')}, "
-            f"step {info.get('step_in_epoch')} of the epoch, global step {info.get('global_step')})"
-        )
-    else:
-        cfg = load_config(config)
-        run_dir = _fresh_run_dir(run_dir, Path(config).stem if config else "demo", say)
+    run_dir, cfg, info = _choose_run(config, run_dir, resume, resume_from, say, warn)
+    stored = from_dict(info.meta["config"], source=f"checkpoint {info.path}") if info is not None else None
     _apply_cli_settings(cfg, overrides, epochs, device)
-
     if info is not None and _is_complete(info, cfg):
         say(
             f"run {run_dir} is complete ({info.get('epoch')} of {cfg.train.epochs} epochs); "
@@ -60,30 +48,67 @@ def run_training(
 
     trainer = Trainer(cfg, run_dir, quiet=quiet)
     if info is not None:
-        drifts = config_drift(stored.to_dict(), cfg.to_dict()) + environment_drift(info.meta, trainer.environment())
-        _check_drift(drifts, allow_drift, say, warn)
-        if cfg.train.epochs != info.get("epochs"):
-            say(
-                f"re-planning the LR schedule for {cfg.train.epochs} epochs (was {info.get('epochs')}) "
-                f"from global step {info.get('global_step')}"
-            )
-        trainer.resume(info)
+        _resume(trainer, info, stored, allow_drift, say, warn)
     else:
-        truncate_step_log(run_dir / "steps.csv", 0)  # a fresh start owns the run folder's logs
-        if init_weights is not None:
-            transferred, total = trainer.init_weights(init_weights, trust_pickle)
-            say(f"initialised {transferred} of {total} tensors from {init_weights}")
-        say(
-            f"training {cfg.model.cfg} on {cfg.data.format} data ({len(trainer.train_ds)} train / "
-            f"{len(trainer.val_ds)} val images) on {trainer.device}; run folder [bold]{run_dir}[/bold]"
-        )
+        _start_fresh(trainer, init_weights, trust_pickle, say)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
-
     trainer.stop_after_steps = stop_after_steps
     if tensorboard:
         trainer.enable_tensorboard()
-    segment_log = SegmentLog(run_dir, trainer.state.segment, info.name if info else None)
+
+    code = _fit_with_segment_log(trainer, info)
+    if code == EXIT_INTERRUPTED:
+        say(
+            f"stopped by {trainer.stop_signal} after global step {trainer.state.global_step}; checkpoint saved. "
+            f"Resume with: yolo-resume train --resume --run-dir {run_dir}"
+        )
+    else:
+        say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
+    return code
+
+
+def _choose_run(config, run_dir, resume, resume_from, say, warn) -> tuple[Path, Config, CheckpointInfo | None]:
+    """(run folder, config, checkpoint to resume or None). On resume the config is the run's own,
+    unless the user hands in an edited one (then the drift table shows what changed)."""
+    if not resume:
+        stem = Path(config).stem if config else "demo"
+        return _fresh_run_dir(run_dir, stem, say), load_config(config), None
+    run_dir, info = find_resume_point(run_dir, resume_from, warn)
+    cfg = load_config(config) if config else from_dict(info.meta["config"], source=f"checkpoint {info.path}")
+    say(
+        f"resuming run [bold]{run_dir}[/bold] from {info.name} (epoch {info.get('epoch')}, "
+        f"step {info.get('step_in_epoch')} of the epoch, global step {info.get('global_step')})"
+    )
+    return run_dir, cfg, info
+
+
+def _resume(trainer: Trainer, info: CheckpointInfo, stored: Config, allow_drift: bool, say, warn) -> None:
+    drifts = config_drift(stored.to_dict(), trainer.cfg.to_dict())
+    drifts += environment_drift(info.meta, trainer.environment())
+    _check_drift(drifts, allow_drift, say, warn)
+    if trainer.cfg.train.epochs != info.get("epochs"):
+        say(
+            f"re-planning the LR schedule for {trainer.cfg.train.epochs} epochs (was {info.get('epochs')}) "
+            f"from global step {info.get('global_step')}"
+        )
+    trainer.resume(info)
+
+
+def _start_fresh(trainer: Trainer, init_weights: Path | None, trust_pickle: bool, say) -> None:
+    truncate_step_log(trainer.run_dir / "steps.csv", 0)  # a fresh start owns the run folder's logs
+    if init_weights is not None:
+        transferred, total = trainer.init_weights(init_weights, trust_pickle)
+        say(f"initialised {transferred} of {total} tensors from {init_weights}")
+    say(
+        f"training {trainer.cfg.model.cfg} on {trainer.cfg.data.format} data ({len(trainer.train_ds)} train / "
+        f"{len(trainer.val_ds)} val images) on {trainer.device}; run folder [bold]{trainer.run_dir}[/bold]"
+    )
+
+
+def _fit_with_segment_log(trainer: Trainer, info: CheckpointInfo | None) -> int:
+    """Train, recording in segments.jsonl how this process ended (see lineage.py)."""
+    segment_log = SegmentLog(trainer.run_dir, trainer.state.segment, info.name if info else None)
     try:
         code = trainer.fit()
     except KeyboardInterrupt:
@@ -93,13 +118,6 @@ def run_training(
         segment_log.end(f"crashed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
         raise
     segment_log.end("completed" if code == 0 else f"stopped by {trainer.stop_signal}")
-    if code == EXIT_INTERRUPTED:
-        say(
-            f"stopped by {trainer.stop_signal} after global step {trainer.state.global_step}; checkpoint saved. "
-            f"Resume with: yolo-resume train --resume --run-dir {run_dir}"
-        )
-    else:
-        say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
     return code
 
 
