@@ -32,9 +32,10 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# Checkpoint cost vs torch.save and vs the raw disk (a minute or two on 2 cores); see BENCHMARKS.md.
+# Quick mode (under 10 minutes on 2 cores): training throughput, memory, checkpoint cost and resume
+# latency vs the ultralytics trainer, plus the checkpoint micro-benchmark; see BENCHMARKS.md.
 bench: $(STAMP)
-	$(PY) scripts/bench_checkpoint.py --repeats 5
+	$(PY) scripts/bench_all.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check yolo_resume tests scripts

@@ -12,20 +12,25 @@ machine in one run:
   (ultralytics' own defaults, which are also ours; albumentations is not installed, so ultralytics'
   optional blur/CLAHE pass is off). The implementations differ in details (see BENCHMARKS.md).
 
-Timing (no validation, no checkpoint writing in the throughput): each child records, per epoch, the
-time from the start of the epoch (ours: `Trainer.train_epoch` entered; ultralytics: the
-`on_train_epoch_start` callback) to the end of its last batch (ours: `train_epoch` returns;
-ultralytics: `on_train_epoch_end`), and the images of each batch. Throughput = images / time summed
-over the epochs after the first (the first holds one-off warm-up: allocator, worker start-up). Ours
-saves a checkpoint after every epoch in a background thread: whatever CPU that thread takes from the
-next epoch is *inside* our throughput. Ultralytics' `save_model()` is synchronous between epochs and
-timed separately (it is the "stall" column), as are our `save()` call, `wait_snapshot()` and the final
-wait for the last save. Validation: ours `eval.every_epochs: 0` (none); ultralytics `val=False` still
-validates after the last epoch and runs its final evaluation; both are outside the timed spans.
+Timing: each child records, per epoch, the time from the start of the epoch (ours: `Trainer.train_epoch`
+entered; ultralytics: the `on_train_epoch_start` callback) to the end of its last batch (ours:
+`train_epoch` returns; ultralytics: `on_train_epoch_end`), and the images of each batch. Two figures:
+- training spans: images / time summed over the epochs after the first (the first holds one-off
+  warm-up: allocator, worker start-up). Ours saves a checkpoint after every epoch in a background
+  thread: the CPU that thread takes from the next epoch is *inside* our figure; ultralytics'
+  `save_model()` runs between epochs, outside it.
+- epoch cycles: images of epochs 2..E-1 / time from the start of epoch 2 to the start of epoch E, so
+  everything each tool does between two epochs is in: checkpoint saving (ultralytics' synchronous
+  `save_model()`, our `save()` call and background commit), results.csv, our results.png redraw,
+  progress output. Neither validates there: ours `eval.every_epochs: 0`; ultralytics `val=False`
+  validates only after the last epoch (and runs its final evaluation), outside every timed span.
+Checkpoint stall is timed apart: ultralytics' `save_model()`; ours the `save()` call plus the
+`wait_snapshot()` waits before the next backward passes, and (once per run) the wait for the last
+commit before the process may exit.
 
 Memory: the parent samples the child's process tree (the child and its data-loader workers) every
-0.1 s: peak of the summed RSS (shared pages counted once per process, so workers' shared torch
-libraries are counted again), peak of the summed PSS (shared pages split: the fair total), and the
+0.2 s: peak of the summed RSS (shared pages counted once per process, so workers' shared torch
+libraries are counted again), every 1 s the summed PSS (shared pages split: the fair total), and the
 child's own exact peak RSS from wait4().
 
 CPU time: the child also reads utime + stime of itself and its data-loader workers (/proc) at the same
@@ -326,6 +331,19 @@ def our_config(path: Path, data_yaml: Path, p: dict, workers: int | None, **over
 
 
 # -- children: one training run each, timing itself --------------------------------------------------
+def epoch_record(t0: float, c0: float, batch_images: list[int]) -> dict:
+    """One epoch's training span: start (perf_counter, comparable within the process), length, CPU
+    seconds of the process tree, images and batches."""
+    return {
+        "t0": t0,
+        "s": time.perf_counter() - t0,
+        "c0": c0,
+        "cpu_s": tree_cpu_s() - c0,
+        "images": sum(batch_images),
+        "batches": len(batch_images),
+    }
+
+
 def _child_ours(spec: dict) -> None:
     import torch
 
@@ -336,20 +354,30 @@ def _child_ours(spec: dict) -> None:
     from yolo_resume.checkpoint.manager import CheckpointManager
 
     rec: dict = {"epochs": [], "save_calls": [], "wait_snapshot": [], "final_waits": [], "save_results": []}
+    rec |= {"end_epoch_s": [], "plot_s": []}
     now = time.perf_counter
     batch_images: list[int] = []
     in_save = threading.local()
 
     orig_epoch, orig_step, orig_save = tr.Trainer.train_epoch, tr.Trainer.train_step, tr.Trainer.save
+    orig_end = tr.Trainer.end_epoch
     orig_snap, orig_wait, orig_poll = CheckpointManager.wait_snapshot, CheckpointManager.wait, CheckpointManager.poll
 
     def train_epoch(self):
         batch_images.clear()
         t0, c0 = now(), tree_cpu_s()
         orig_epoch(self)
-        rec["epochs"].append(
-            {"s": now() - t0, "cpu_s": tree_cpu_s() - c0, "images": sum(batch_images), "batches": len(batch_images)}
-        )
+        rec["epochs"].append(epoch_record(t0, c0, batch_images))
+
+    def end_epoch(self):
+        t0 = now()
+        orig_end(self)
+        rec["end_epoch_s"].append(now() - t0)
+
+    def redraw_plot(self):
+        t0 = now()
+        orig_plot(self)
+        rec["plot_s"].append(now() - t0)
 
     def train_step(self, batch):
         batch_images.append(int(batch["img"].shape[0]))
@@ -384,6 +412,10 @@ def _child_ours(spec: dict) -> None:
         return results
 
     tr.Trainer.train_epoch, tr.Trainer.train_step, tr.Trainer.save = train_epoch, train_step, save
+    tr.Trainer.end_epoch = end_epoch
+    orig_plot = getattr(tr.Trainer, "redraw_plot", None)
+    if orig_plot is not None:  # results.png redrawn after every epoch (newer versions)
+        tr.Trainer.redraw_plot = redraw_plot
     CheckpointManager.wait_snapshot, CheckpointManager.wait, CheckpointManager.poll = wait_snapshot, wait, poll
     sys.argv = ["yolo-resume", "train", "--config", spec["config"], "--run-dir", spec["run_dir"], "-q"]
     code = 0
@@ -433,10 +465,7 @@ def _child_ultra(spec: dict) -> None:
         epoch_start[:] = [now(), tree_cpu_s()]
 
     def on_epoch_end(trainer):
-        t0, c0 = epoch_start
-        rec["epochs"].append(
-            {"s": now() - t0, "cpu_s": tree_cpu_s() - c0, "images": sum(batch_images), "batches": len(batch_images)}
-        )
+        rec["epochs"].append(epoch_record(*epoch_start, batch_images))
 
     BaseTrainer.save_model, DetectionTrainer.preprocess_batch = save_model, preprocess_batch
     model = YOLO("yolov5s.yaml")
@@ -485,21 +514,28 @@ def _child_ultra(spec: dict) -> None:
 # -- the parent: interleaved runs, medians, ratios ----------------------------------------------------
 def summarize_run(tool: str, rec: dict, proc: dict, run_dir: Path) -> dict:
     epochs = rec["epochs"]
-    steady = epochs[1:] or epochs
+    if len(epochs) < 3:
+        raise ValueError("need at least 3 epochs (the first is warm-up, cycles run from epoch 2 to the last)")
+    steady, cycles = epochs[1:], epochs[1:-1]
     out = {
         "tool": tool,
         "threads": rec["threads"],
         "img_per_s": sum(e["images"] for e in steady) / sum(e["s"] for e in steady),
         "img_per_s_all_epochs": sum(e["images"] for e in epochs) / sum(e["s"] for e in epochs),
         "cpu_ms_per_img": 1e3 * sum(e["cpu_s"] for e in steady) / sum(e["images"] for e in steady),
+        # Epoch cycles (start of epoch k to start of epoch k+1, k = 2..E-1): training plus everything the
+        # tool does between two epochs (checkpoint, logs, plots; neither validates before the last epoch).
+        "img_per_s_cycle": sum(e["images"] for e in cycles) / (epochs[-1]["t0"] - epochs[1]["t0"]),
+        "cpu_ms_per_img_cycle": 1e3 * (epochs[-1]["c0"] - epochs[1]["c0"]) / sum(e["images"] for e in cycles),
+        "between_epochs_s": [b["t0"] - (a["t0"] + a["s"]) for a, b in zip(epochs[:-1], epochs[1:], strict=True)],
         "epoch_s": [e["s"] for e in epochs],
         "images_per_epoch": [e["images"] for e in epochs],
         **proc,
     }
     if tool == "ultralytics":
         saves = rec["saves"]
-        gap = [s["s"] for s in saves[: len(epochs) - 1]]  # save_model() after epochs 1..E-1, synchronous
         out["ckpt_stall_s"] = [s["s"] for s in saves]
+        out["between_epoch_save_s"] = out["ckpt_stall_s"][: len(epochs) - 1]  # the saves inside the gaps
         out["ckpt_bytes_per_save"] = [sum(s["written"].values()) for s in saves]
         out["ckpt_files_per_save"] = [sorted(s["written"]) for s in saves]
         # The size of last.pt as each save wrote it (at the end of training, ultralytics strips the
@@ -512,7 +548,6 @@ def summarize_run(tool: str, rec: dict, proc: dict, run_dir: Path) -> dict:
         metas = [json.loads((p / "meta.json").read_text()) for p in ckpts]
         # Every save writes one checkpoint folder; the ones pruned away had the same layout and size.
         n_saves = len(rec["save_calls"])
-        gap = rec["save_calls"][: len(epochs) - 1]  # save() calls after epochs 1..E-1 (the rest is in-epoch)
         out["ckpt_file_bytes"] = median(sizes)
         out["ckpt_bytes_per_save"] = [median(sizes)] * n_saves
         out["ckpt_snapshot_s_meta"] = [m.get("snapshot_s") for m in metas]
@@ -528,9 +563,7 @@ def summarize_run(tool: str, rec: dict, proc: dict, run_dir: Path) -> dict:
         per_save = (sum(rec["save_calls"]) + out["wait_snapshot_total_s"]) / max(n_saves, 1)
         out["ckpt_stall_s"] = [per_save] * n_saves
         out["stall_total_s"] = per_save * n_saves + out["final_wait_s"]
-    # Training with a checkpoint after every epoch: the steady epochs plus the between-epoch save stalls
-    # that precede them (ours' background commit already runs inside the epochs it overlaps).
-    out["img_per_s_with_ckpt"] = sum(e["images"] for e in steady) / (sum(e["s"] for e in steady) + sum(gap))
+    out["plot_s"] = rec.get("plot_s", [])[: len(epochs) - 1]  # the redraws inside the gaps
     return out
 
 
@@ -613,7 +646,8 @@ def bench(work: Path, p: dict, repeats: int, modes: list[str], threads: int | No
             "runs": runs["ours-same-nockpt"],
             "median": med,
             "ratio": _ratios(med["yolo-resume"], med["ultralytics"]),
-            "ratio_vs_ours_with_ckpt": med["yolo-resume"]["img_per_s"] / _medians(runs["ours-same"])["img_per_s"],
+            "img_per_s_ratio_vs_ours_with_ckpt": med["yolo-resume"]["img_per_s"]
+            / _medians(runs["ours-same"])["img_per_s"],
         }
     for mode in modes:
         ours, base = f"ours-{mode}", (f"ultra-{mode}" if f"ultra-{mode}" in runs else "ultra-same")
@@ -628,7 +662,7 @@ def bench(work: Path, p: dict, repeats: int, modes: list[str], threads: int | No
 
 
 def _medians(runs: list[dict]) -> dict:
-    keys = ("img_per_s", "img_per_s_all_epochs", "img_per_s_with_ckpt", "cpu_ms_per_img")
+    keys = ("img_per_s", "img_per_s_all_epochs", "img_per_s_cycle", "cpu_ms_per_img", "cpu_ms_per_img_cycle")
     keys += ("peak_tree_rss", "peak_tree_pss", "maxrss_main")
     out = {k: median([r[k] for r in runs]) for k in keys + ("wall_s",)}
     out["threads"] = runs[0]["threads"]
@@ -636,7 +670,9 @@ def _medians(runs: list[dict]) -> dict:
     out["ckpt_file_bytes"] = median([r["ckpt_file_bytes"] for r in runs])
     out["ckpt_bytes_per_save"] = median([median(r["ckpt_bytes_per_save"]) for r in runs])
     out["ckpt_stall_per_save_s"] = median([median(r["ckpt_stall_s"]) for r in runs])
+    out["between_epochs_s"] = median([median(r["between_epochs_s"]) for r in runs])
     if "ckpt_write_s" in runs[0]:
+        out["plot_s"] = median([median(r["plot_s"]) for r in runs]) if runs[0]["plot_s"] else 0.0
         out["ckpt_write_s"] = median([median(r["ckpt_write_s"]) for r in runs])
         out["ckpt_snapshot_s"] = median([median(r["ckpt_snapshot_s"]) for r in runs])
         out["ckpt_save_call_s"] = median([median(r["ckpt_save_call_s"]) for r in runs])
@@ -644,76 +680,112 @@ def _medians(runs: list[dict]) -> dict:
         out["final_wait_s"] = median([r["final_wait_s"] for r in runs])
     else:
         out["ckpt_files"] = runs[0]["ckpt_files_per_save"]
+        out["between_epoch_save_s"] = median([median(r["between_epoch_save_s"]) for r in runs])
     return out
 
 
 def _ratios(ours: dict, base: dict) -> dict:
-    keys = ("img_per_s", "img_per_s_all_epochs", "img_per_s_with_ckpt", "cpu_ms_per_img")
-    keys += ("peak_tree_rss", "peak_tree_pss", "maxrss_main", "ckpt_bytes_per_save", "ckpt_stall_per_save_s")
+    keys = ("img_per_s", "img_per_s_all_epochs", "img_per_s_cycle", "cpu_ms_per_img", "cpu_ms_per_img_cycle")
+    keys += (
+        "between_epochs_s",
+        "peak_tree_rss",
+        "peak_tree_pss",
+        "maxrss_main",
+        "ckpt_bytes_per_save",
+        "ckpt_stall_per_save_s",
+    )
     return {k: ours[k] / base[k] if base[k] else float("nan") for k in keys}
 
 
 def table(result: dict) -> str:
     """Markdown rows: measure | yolo-resume | ultralytics | ratio."""
     rows = ["| measure | yolo-resume | ultralytics | ratio (ours / theirs) |", "|---|---|---|---|"]
+
+    def row(what: str, ours: str, theirs: str, ratio: float, bold: bool = False) -> None:
+        rows.append(f"| {what} | {ours} | {theirs} | {f'**{ratio:.2f}**' if bold else f'{ratio:.2f}'} |")
+
     for mode, m in result["modes"].items():
         o, u, r = m["median"]["yolo-resume"], m["median"]["ultralytics"], m["ratio"]
-        cfg = f"{mode}: ours {o['threads']} thr/{o['workers']} wkr, ultralytics {u['threads']} thr/{u['workers']} wkr"
-        rows.append(
-            f"| train throughput, epochs 2+ ({cfg}) | {o['img_per_s']:.1f} img/s | {u['img_per_s']:.1f} img/s "
-            f"| **{r['img_per_s']:.2f}** |"
+        cfg = f"ours {o['threads']} thr / {o['workers']} wkr, ultralytics {u['threads']} thr / {u['workers']} wkr"
+        rows.append(f"| ***{mode}*** ({cfg}) | | | |")
+        ips = "{:.1f} img/s".format
+        row(
+            "train throughput, training spans of epochs 2+",
+            ips(o["img_per_s"]),
+            ips(u["img_per_s"]),
+            r["img_per_s"],
+            True,
         )
-        rows.append(
-            f"| train throughput, all epochs ({mode}) | {o['img_per_s_all_epochs']:.1f} img/s "
-            f"| {u['img_per_s_all_epochs']:.1f} img/s | {r['img_per_s_all_epochs']:.2f} |"
-        )
-        rows.append(
-            f"| train throughput incl. the between-epoch checkpoint stall ({mode}) "
-            f"| {o['img_per_s_with_ckpt']:.1f} img/s | {u['img_per_s_with_ckpt']:.1f} img/s "
-            f"| **{r['img_per_s_with_ckpt']:.2f}** |"
+        row(
+            "train throughput, epoch cycles (incl. between-epoch checkpoint, logs, plot)",
+            ips(o["img_per_s_cycle"]),
+            ips(u["img_per_s_cycle"]),
+            r["img_per_s_cycle"],
+            True,
         )
         if mode == "same" and "nockpt" in result:
             n, nr = result["nockpt"]["median"]["yolo-resume"], result["nockpt"]["ratio"]
-            rows.append(
-                f"| train throughput, epochs 2+, ours without per-epoch checkpoints ({mode}) "
-                f"| {n['img_per_s']:.1f} img/s | {u['img_per_s']:.1f} img/s | {nr['img_per_s']:.2f} |"
+            row(
+                "  same, ours without per-epoch checkpoints: training spans",
+                ips(n["img_per_s"]),
+                ips(u["img_per_s"]),
+                nr["img_per_s"],
             )
-            rows.append(
-                f"| CPU time per image, ours without per-epoch checkpoints ({mode}) "
-                f"| {n['cpu_ms_per_img']:.0f} ms | {u['cpu_ms_per_img']:.0f} ms | {nr['cpu_ms_per_img']:.2f} |"
+            row(
+                "  same, ours without per-epoch checkpoints: epoch cycles",
+                ips(n["img_per_s_cycle"]),
+                ips(u["img_per_s_cycle"]),
+                nr["img_per_s_cycle"],
             )
-        rows.append(
-            f"| CPU time per image, epochs 2+, process tree ({mode}) | {o['cpu_ms_per_img']:.0f} ms "
-            f"| {u['cpu_ms_per_img']:.0f} ms | {r['cpu_ms_per_img']:.2f} |"
+            row(
+                "  same, ours without per-epoch checkpoints: CPU per image, training spans",
+                f"{n['cpu_ms_per_img']:.0f} ms",
+                f"{u['cpu_ms_per_img']:.0f} ms",
+                nr["cpu_ms_per_img"],
+            )
+        row(
+            "CPU time per image (process tree), training spans",
+            f"{o['cpu_ms_per_img']:.0f} ms",
+            f"{u['cpu_ms_per_img']:.0f} ms",
+            r["cpu_ms_per_img"],
         )
-        rows.append(
-            f"| peak RSS, process tree summed ({mode}) | {mb(o['peak_tree_rss'])} | {mb(u['peak_tree_rss'])} "
-            f"| {r['peak_tree_rss']:.2f} |"
+        row(
+            "CPU time per image (process tree), epoch cycles",
+            f"{o['cpu_ms_per_img_cycle']:.0f} ms",
+            f"{u['cpu_ms_per_img_cycle']:.0f} ms",
+            r["cpu_ms_per_img_cycle"],
         )
-        rows.append(
-            f"| peak PSS, process tree summed ({mode}) | {mb(o['peak_tree_pss'])} | {mb(u['peak_tree_pss'])} "
-            f"| {r['peak_tree_pss']:.2f} |"
+        row(
+            "time between two epochs (no validation)",
+            f"{o['between_epochs_s'] * 1e3:.0f} ms (of which results.png {o.get('plot_s', 0) * 1e3:.0f} ms, "
+            f"save() {o['ckpt_save_call_s'] * 1e3:.0f} ms)",
+            f"{u['between_epochs_s'] * 1e3:.0f} ms (of which save_model {u['between_epoch_save_s'] * 1e3:.0f} ms)",
+            r["between_epochs_s"],
         )
-        rows.append(
-            f"| peak RSS, main process (wait4) ({mode}) | {mb(o['maxrss_main'])} | {mb(u['maxrss_main'])} "
-            f"| {r['maxrss_main']:.2f} |"
+        row("peak RSS, process tree summed", mb(o["peak_tree_rss"]), mb(u["peak_tree_rss"]), r["peak_tree_rss"], True)
+        row("peak PSS, process tree summed", mb(o["peak_tree_pss"]), mb(u["peak_tree_pss"]), r["peak_tree_pss"])
+        row("peak RSS, main process (wait4)", mb(o["maxrss_main"]), mb(u["maxrss_main"]), r["maxrss_main"])
+        row(
+            "size of one resumable checkpoint",
+            f"{mb(o['ckpt_file_bytes'])} (folder)",
+            f"{mb(u['ckpt_file_bytes'])} (last.pt)",
+            o["ckpt_file_bytes"] / u["ckpt_file_bytes"],
         )
-        rows.append(
-            f"| size of one resumable checkpoint ({mode}) | {mb(o['ckpt_file_bytes'])} (fp32 model + EMA + AdamW) "
-            f"| {mb(u['ckpt_file_bytes'])} (last.pt: fp16 EMA + fp16 AdamW, no model) "
-            f"| {o['ckpt_file_bytes'] / u['ckpt_file_bytes']:.2f} |"
+        files = " + ".join(u["ckpt_files"][0]) if u["ckpt_files"] else "-"
+        row(
+            "checkpoint bytes written per epoch",
+            f"{mb(o['ckpt_bytes_per_save'])} (1 folder)",
+            f"{mb(u['ckpt_bytes_per_save'])} ({files})",
+            r["ckpt_bytes_per_save"],
         )
-        rows.append(
-            f"| checkpoint bytes written per epoch ({mode}) | {mb(o['ckpt_bytes_per_save'])} (1 folder) "
-            f"| {mb(u['ckpt_bytes_per_save'])} ({' + '.join(u['ckpt_files'][0]) if u['ckpt_files'] else '-'}) "
-            f"| {r['ckpt_bytes_per_save']:.2f} |"
-        )
-        rows.append(
-            f"| checkpoint stall per epoch ({mode}) | {o['ckpt_stall_per_save_s'] * 1e3:.0f} ms "
-            f"(save() {o['ckpt_save_call_s'] * 1e3:.0f} ms; background copy {o['ckpt_snapshot_s'] * 1e3:.0f} ms "
-            f"+ commit {o['ckpt_write_s'] * 1e3:.0f} ms; once per run, wait for the last commit "
-            f"{o['final_wait_s'] * 1e3:.0f} ms) | {u['ckpt_stall_per_save_s'] * 1e3:.0f} ms (save_model) "
-            f"| {r['ckpt_stall_per_save_s']:.2f} |"
+        row(
+            "training stall per checkpoint",
+            f"{o['ckpt_stall_per_save_s'] * 1e3:.0f} ms (save() + wait_snapshot; background: copy "
+            f"{o['ckpt_snapshot_s'] * 1e3:.0f} ms, commit {o['ckpt_write_s'] * 1e3:.0f} ms; last save of the run: "
+            f"+{o['final_wait_s'] * 1e3:.0f} ms wait before exit)",
+            f"{u['ckpt_stall_per_save_s'] * 1e3:.0f} ms (save_model, synchronous)",
+            r["ckpt_stall_per_save_s"],
+            True,
         )
     return "\n".join(rows)
 

@@ -23,10 +23,10 @@ def resume_points(rows: list[dict]) -> list[float]:
 
 
 def plot_results(results_csv: Path, out: Path | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    # The object API with an Agg canvas, not pyplot: no global state, so it is safe in a thread.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     rows = read_results(results_csv)
     out = out or results_csv.with_name("results.png")
@@ -36,8 +36,10 @@ def plot_results(results_csv: Path, out: Path | None = None) -> Path:
         return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
 
     panels = [(name, [name]) for name in LOSS_NAMES] + [("mAP@.5", ["map50"]), ("mAP@.5:.95", ["map"]), ("lr", ["lr"])]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
-    for ax, (title, keys) in zip(axes.flat, panels[:3] + panels[3:6], strict=True):
+    fig = Figure(figsize=(12, 6.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3)
+    for ax, (title, keys) in zip(axes.flat, panels, strict=True):
         for key in keys:
             if rows and key in rows[0]:
                 ax.plot(epochs, series(key), marker="o", markersize=3)
@@ -47,11 +49,10 @@ def plot_results(results_csv: Path, out: Path | None = None) -> Path:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     if resume_points(rows):
-        fig.legend([plt.Line2D([], [], color="tab:red", linestyle="--")], ["resumed"], loc="upper right", frameon=False)
+        fig.legend([Line2D([], [], color="tab:red", linestyle="--")], ["resumed"], loc="upper right", frameon=False)
     fig.suptitle(f"{results_csv.parent.name}: {len(rows)} epochs")
     fig.tight_layout()
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     tmp.replace(out)
     return out

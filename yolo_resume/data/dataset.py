@@ -8,6 +8,7 @@ same bytes.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,10 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed % 2**64, spawn_key=(_ITEM_STREAM, epoch, index)))
 
 
+# Per process (each data-loader worker holds its own): small datasets stay fully decoded.
+DECODED_CACHE_BYTES = 128 << 20
+
+
 class DetectionDataset(Dataset):
     """Letterboxed (val) or augmented (train) images with their boxes, addressed by (epoch, index)."""
 
@@ -39,6 +44,10 @@ class DetectionDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.epochs = epochs
+        # Decoded, resized images, most recently used last. Decoding is a pure function of the file,
+        # so the cache changes no output; it spares re-decoding the 3 mosaic partners of each item.
+        self._decoded: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._decoded_bytes = 0
 
     @property
     def names(self) -> list[str]:
@@ -90,10 +99,21 @@ class DetectionDataset(Dataset):
         }
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Image resized to long side imgsz, with its boxes in the resized pixels."""
+        """Image resized to long side imgsz, with its boxes in the resized pixels (read-only arrays)."""
+        if index in self._decoded:
+            self._decoded.move_to_end(index)
+            return self._decoded[index]
         rec = self.records[index]
         img, ratio = aug.resize_long_side(aug.decode(rec), self.imgsz)
-        return img, rec.boxes * np.float32(ratio), rec.cls
+        loaded = (img, rec.boxes * np.float32(ratio), rec.cls)
+        for array in loaded:
+            array.flags.writeable = False  # shared through the cache: an in-place edit would leak
+        self._decoded[index] = loaded
+        self._decoded_bytes += img.nbytes
+        while self._decoded_bytes > DECODED_CACHE_BYTES and len(self._decoded) > 1:
+            _, (old, _, _) = self._decoded.popitem(last=False)
+            self._decoded_bytes -= old.nbytes
+        return loaded
 
     def _letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img, boxes, cls = self._load(index)
