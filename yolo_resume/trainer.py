@@ -33,6 +33,7 @@ from .seeding import configure_determinism, rng_state, seed_everything, set_rng_
 # EX_TEMPFAIL). Schedulers restart on non-zero; `yolo-resume train --resume` continues exactly.
 EXIT_INTERRUPTED = 75
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+PLOT_EVERY_S = 60.0
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Trainer:
         self.tb = None  # tensorboard writer, when --tensorboard
         self.initial_weights: str | None = None  # --init-weights
         self._plotter: threading.Thread | None = None
+        self._last_plot = -PLOT_EVERY_S
         self.train_loader = self._loader(self.train_ds, batch_sampler=self.sampler)
         self.val_loader = self._loader(self.val_ds, batch_size=cfg.train.batch * 2, shuffle=False)
         self.progress = TrainProgress(quiet=quiet)
@@ -303,12 +305,15 @@ class Trainer:
                 self.tb.add_scalar(key, value, step)
 
     def redraw_plot(self, wait: bool = False) -> None:
-        """Redraw results.png in a background thread (matplotlib takes ~0.3 s, a whole step on a small
-        CPU run); skipped while the previous drawing is still going. `wait` draws the final one."""
+        """Redraw results.png in a background thread, at most once a minute (matplotlib takes ~0.3 s of
+        CPU, a whole step on a small CPU run). `wait` draws the final, complete one."""
+        if not wait and time.monotonic() - self._last_plot < PLOT_EVERY_S:
+            return
         if self._plotter is not None and self._plotter.is_alive():
             if not wait:
                 return
             self._plotter.join()
+        self._last_plot = time.monotonic()
         self._plotter = threading.Thread(target=self._draw_plot, name="results.png", daemon=True)
         self._plotter.start()
         if wait:
