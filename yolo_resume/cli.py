@@ -113,12 +113,12 @@ def ckpt_list(
     fast: bool = typer.Option(False, "--fast", help="Check manifests and metadata only, do not hash tensors."),
 ):
     """List a run's checkpoints: epoch, step, kind, size, mAP, git commit, created, status, best, pinned."""
+    from .checkpoint.retention import keep_best
     from .runs import resolve_checkpoint
 
-    rows = [info.to_json() for info in resolve_checkpoint(run, deep=not fast)]
-    best = _best_name(rows)
-    for row in rows:
-        row["best"] = row["name"] == best
+    infos = resolve_checkpoint(run, deep=not fast)
+    best = keep_best([info.candidate() for info in infos], 1)  # the same rule retention keeps by
+    rows = [info.to_json() | {"best": info.name in best} for info in infos]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -365,11 +365,6 @@ def data_synth(
     validate(cfg)
     path = ensure_synthetic(cfg.data)
     out.print(f"synthetic dataset ready in {path} ({num_train} train, {num_val} val images)")
-
-
-def _best_name(rows: list[dict]) -> str | None:
-    scored = [r for r in rows if r["valid"] and r["metrics"].get("fitness") is not None]
-    return max(scored, key=lambda r: (r["metrics"]["fitness"], r["global_step"]))["name"] if scored else None
 
 
 def _fmt(value) -> str:

@@ -1,45 +1,4 @@
 """Checkpoints: atomic, verified, pickle-free folders (see `yolo_resume.checkpoint.format`)."""
 
-from yolo_resume.checkpoint.format import (
-    DATA_FILES,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    KILL_ENV,
-    KILL_STAGES,
-    MANIFEST_FILE,
-    META_FILE,
-    STATE_FILE,
-    TENSORS_FILE,
-    TMP_PREFIX,
-    flatten_state,
-    is_checkpoint_dir,
-    load_checkpoint,
-    read_meta,
-    snapshot_to_cpu,
-    tensor_digests,
-    unflatten_state,
-    verify_checkpoint,
-    write_checkpoint,
-)
-
-__all__ = [
-    "DATA_FILES",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "KILL_ENV",
-    "KILL_STAGES",
-    "MANIFEST_FILE",
-    "META_FILE",
-    "STATE_FILE",
-    "TENSORS_FILE",
-    "TMP_PREFIX",
-    "flatten_state",
-    "is_checkpoint_dir",
-    "load_checkpoint",
-    "read_meta",
-    "snapshot_to_cpu",
-    "tensor_digests",
-    "unflatten_state",
-    "verify_checkpoint",
-    "write_checkpoint",
-]
+from yolo_resume.checkpoint.format import *  # noqa: F403  (the public API is format.__all__)
+from yolo_resume.checkpoint.format import __all__  # noqa: F401
