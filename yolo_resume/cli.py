@@ -75,8 +75,35 @@ def train(
     ),
     stop_after_steps: int = typer.Option(None, "--stop-after-steps", hidden=True, help="Used by `doctor`."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Processes on this machine (one per GPU): launches torchrun for you."
+    ),
+    max_restarts: int = typer.Option(
+        0, "--max-restarts", min=0, help="After a crash or kill, resume automatically up to K times, with backoff."
+    ),
+    alert_cmd: str = typer.Option(
+        None, "--alert-cmd", help="Shell command run on each failure, restart, give-up and completion (JSON on stdin)."
+    ),
+    alert_webhook: str = typer.Option(None, "--alert-webhook", help="URL that receives the same JSON by POST."),
 ):
     """Train a detector; with --resume, continue an interrupted run exactly where it stopped."""
+    if nproc > 1 or max_restarts > 0 or alert_cmd or alert_webhook:
+        from .launch import launch_supervised
+
+        raise typer.Exit(
+            launch_supervised(
+                sys.argv,
+                config=config,
+                run_dir=run_dir,
+                resume=resume or resume_from is not None,
+                nproc=nproc,
+                max_restarts=max_restarts,
+                alert_cmd=alert_cmd,
+                alert_webhook=alert_webhook,
+                say=out.print,
+                warn=warn,
+            )
+        )
     from .session import run_training
 
     try:

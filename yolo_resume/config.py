@@ -26,8 +26,8 @@ PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
 def opt(default: Any, doc: str) -> Any:
     """A dataclass field with a default and a one-line description."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
 
 
@@ -81,6 +81,9 @@ class TrainConfig:
     amp: bool = opt(True, "Mixed precision on CUDA (ignored on CPU).")
     device: str = opt("auto", "`auto`, `cpu`, `cuda` or `cuda:N`.")
     max_grad_norm: float = opt(10.0, "Gradient clipping norm (0 disables).")
+    nan_retries: int = opt(
+        3, "On a non-finite loss, roll back to the newest valid checkpoint at most this many times, then stop."
+    )
 
 
 @dataclass
@@ -114,6 +117,23 @@ class CkptConfig:
     keep_every: int = opt(0, "Also keep every checkpoint at an epoch multiple of E (milestones; 0 = off).")
     async_: bool = opt(True, "Write checkpoints in a background thread (training stalls only for a memory copy).")
     max_failures: int = opt(3, "Stop training after this many consecutive failed saves (disk full, I/O error).")
+    storage_options: dict[str, Any] = opt(
+        {},
+        "fsspec options for a remote `dir` (e.g. `endpoint_url`, `profile`, `region_name`); credentials come "
+        "from the standard AWS environment and files, never from here.",
+    )
+
+
+@dataclass
+class DistConfig:
+    backend: str = opt(
+        "auto", "torch.distributed backend under torchrun: `auto` (nccl on CUDA, gloo on CPU), `nccl` or `gloo`."
+    )
+    timeout_s: float = opt(
+        600.0,
+        "Seconds a rank waits for the others (gradient all-reduce, checkpoint, validation on rank 0) before the "
+        "job stops with an error naming the problem; must exceed the slowest validation.",
+    )
 
 
 @dataclass
@@ -124,6 +144,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +213,10 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _check_value(key, value, inner[0])
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key `{key}` must be a mapping of names to values, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -274,7 +299,11 @@ CHOICES = {
     "data.format": ("coco", "yolo", "synthetic"),
     "train.optimizer": ("SGD", "AdamW"),
     "train.schedule": ("linear", "cosine"),
+    "dist.backend": ("auto", "nccl", "gloo"),
 }
+
+# storage_options keys that would put a secret into config.yaml and every checkpoint's metadata.
+SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential")
 
 
 def validate(cfg: Config) -> None:
@@ -291,6 +320,7 @@ def validate(cfg: Config) -> None:
         "model.imgsz": cfg.model.imgsz,
         "data.image_size": cfg.data.image_size,
         "ckpt.max_failures": cfg.ckpt.max_failures,
+        "dist.timeout_s": cfg.dist.timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -305,6 +335,7 @@ def validate(cfg: Config) -> None:
         "ckpt.keep_every": cfg.ckpt.keep_every,
         "eval.every_epochs": cfg.eval.every_epochs,
         "train.warmup_epochs": cfg.train.warmup_epochs,
+        "train.nan_retries": cfg.train.nan_retries,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -315,9 +346,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key `data.num_classes` must be 1-6 for synthetic data, got {cfg.data.num_classes}")
     if cfg.data.format == "synthetic" and (cfg.data.num_train < 1 or cfg.data.num_val < 1):
         raise ConfigError("config keys `data.num_train` and `data.num_val` must be >= 1")
+    _check_no_secrets(cfg.ckpt.storage_options)
     dev = cfg.train.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"config key `train.device` must be auto, cpu, cuda or cuda:N, got `{dev}`")
+
+
+def _check_no_secrets(options: dict[str, Any]) -> None:
+    for name in options:
+        if any(word in name.lower() for word in SECRET_OPTION_WORDS):
+            raise ConfigError(
+                f"config key `ckpt.storage_options.{name}` looks like a credential, and the config is saved in every "
+                "checkpoint; remove it and use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                "~/.aws/credentials instead"
+            )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -22,6 +22,8 @@ KEY_CLASSES: list[tuple[str, str]] = [
     ("train.deterministic", HARMLESS),
     ("eval.*", HARMLESS),
     ("ckpt.*", HARMLESS),
+    ("dist.*", HARMLESS),
+    ("train.nan_retries", HARMLESS),
     ("train.epochs", SCHEDULE),
     ("train.lr0", SCHEDULE),
     ("train.lrf", SCHEDULE),

@@ -13,7 +13,7 @@ from .config import Config, apply_overrides, from_dict, load_config, set_key
 from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import UserError
 from .lineage import SegmentLog
-from .runs import CONFIG_FILE, find_resume_point, has_checkpoints, new_run_dir
+from .runs import CONFIG_FILE, find_resume_point, has_checkpoints, most_recent_run, new_run_dir
 from .trainer import EXIT_INTERRUPTED, Trainer, truncate_step_log
 
 
@@ -66,6 +66,13 @@ def run_training(
     else:
         say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
     return code
+
+
+def plan_run_dir(config: Path | None, run_dir: Path | None, resume: bool, say) -> Path:
+    """The run folder a `train` command will use, decided before any worker starts (see launch.py)."""
+    if resume:
+        return run_dir or most_recent_run()
+    return _fresh_run_dir(run_dir, Path(config).stem if config else "demo", say)
 
 
 def _choose_run(config, run_dir, resume, resume_from, say, warn) -> tuple[Path, Config, CheckpointInfo | None]:

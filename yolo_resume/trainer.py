@@ -84,13 +84,7 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.train, self.sampler.batches_per_epoch())
         self.accumulate = accumulate_steps(cfg.train)
         self.state = TrainState()
-        self.ckpt = CheckpointManager(
-            Path(cfg.ckpt.dir) if cfg.ckpt.dir else self.run_dir / "checkpoints",
-            keep_last=cfg.ckpt.keep_last,
-            keep_best=cfg.ckpt.keep_best,
-            keep_every=cfg.ckpt.keep_every,
-            async_save=cfg.ckpt.async_,
-        )
+        self.ckpt = CheckpointManager.for_run(cfg.ckpt, self.run_dir)
         self._save_failures = 0  # consecutive
         self.resumed_from: str | None = None
         self.lineage: list[dict] = []  # one entry per resume (see lineage.py)

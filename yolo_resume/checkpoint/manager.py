@@ -128,6 +128,17 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._snapshot_taken: threading.Event | None = None
 
+    @classmethod
+    def for_run(cls, ckpt_cfg, run_dir: Path) -> CheckpointManager:
+        """The manager of a run's checkpoints, from its `ckpt` config section (`CkptConfig`)."""
+        return cls(
+            Path(ckpt_cfg.dir) if ckpt_cfg.dir else Path(run_dir) / "checkpoints",
+            keep_last=ckpt_cfg.keep_last,
+            keep_best=ckpt_cfg.keep_best,
+            keep_every=ckpt_cfg.keep_every,
+            async_save=ckpt_cfg.async_,
+        )
+
     # -- writing -------------------------------------------------------------------------------
     def save(self, state: dict, meta: dict) -> str:
         """Commit `state` as the checkpoint of `meta['global_step']`, then apply retention.

@@ -1,0 +1,100 @@
+"""`train --nproc / --max-restarts / --alert-*`: build the worker commands, then hand them to the supervisor.
+
+The parent process trains nothing. It fixes the run folder up front (so every restart, and every rank,
+works on the same run), turns its own command line into the command of one training attempt (plain,
+or under torchrun for --nproc N), and lets `supervisor.supervise` run, watch and restart it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+# Options the launcher consumes; workers never see them (so a worker never launches again).
+LAUNCHER_OPTIONS = ("--nproc", "--max-restarts", "--alert-cmd", "--alert-webhook")
+# Options that only make sense for the first attempt: a restart continues the run's own checkpoint.
+FIRST_ATTEMPT_OPTIONS = ("--init-weights", "--resume-from")
+FIRST_ATTEMPT_FLAGS = ("--trust-pickle",)
+
+
+def train_arguments(argv: list[str]) -> list[str]:
+    """The arguments after `train` in a full command line (`yolo-resume train ...`)."""
+    return list(argv[argv.index("train") + 1 :]) if "train" in argv else list(argv[1:])
+
+
+def drop_options(args: list[str], options: tuple[str, ...], flags: tuple[str, ...] = ()) -> list[str]:
+    """`args` without `options` (with their value, as `--opt value` or `--opt=value`) and `flags`."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif arg in flags or any(arg.startswith(f"{opt}=") for opt in options):
+            continue
+        else:
+            kept.append(arg)
+    return kept
+
+
+def worker_prefix(nproc: int) -> list[str]:
+    """How to start one attempt: this interpreter, or torchrun with `nproc` local workers."""
+    if nproc <= 1:
+        return [sys.executable, "-m", "yolo_resume", "train"]
+    # --standalone: a private rendezvous on a free local port, so parallel jobs never collide.
+    # torchrun's own restarts stay off (--max-restarts 0): the supervisor restarts the whole job, with
+    # backoff and alerts, exactly as it does for a single process.
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        "0",
+        "-m",
+        "yolo_resume",
+        "train",
+    ]
+
+
+def attempt_commands(argv: list[str], run_dir: Path, nproc: int) -> tuple[list[str], list[str]]:
+    """(first attempt, resuming attempt) for the command line `argv`, both pinned to `run_dir`."""
+    args = drop_options(train_arguments(argv), LAUNCHER_OPTIONS + ("--run-dir",))
+    prefix = worker_prefix(nproc) + ["--run-dir", str(run_dir)]
+    resume_args = drop_options(args, FIRST_ATTEMPT_OPTIONS, FIRST_ATTEMPT_FLAGS)
+    if "--resume" not in resume_args:
+        resume_args.append("--resume")
+    return prefix + args, prefix + resume_args
+
+
+def launch_supervised(
+    argv: list[str],
+    *,
+    config: Path | None,
+    run_dir: Path | None,
+    resume: bool,
+    nproc: int,
+    max_restarts: int,
+    alert_cmd: str | None,
+    alert_webhook: str | None,
+    say: Callable,
+    warn: Callable[[str], None],
+) -> int:
+    from .session import plan_run_dir
+    from .supervisor import supervise
+
+    run_dir = plan_run_dir(config, run_dir, resume, say)
+    first, resume_cmd = attempt_commands(argv, run_dir, nproc)
+    return supervise(
+        first_cmd=first,
+        resume_cmd=resume_cmd if not resume else first,
+        run_dir=run_dir,
+        max_restarts=max_restarts,
+        alert_cmd=alert_cmd,
+        alert_webhook=alert_webhook,
+        say=say,
+        warn=warn,
+    )
