@@ -106,6 +106,18 @@ def environment_drift(meta: dict, current: dict) -> list[Drift]:
         stored = (meta.get("versions") or {}).get(pkg)
         if stored != version:
             drifts.append(Drift(f"version {pkg}", stored, version, HARMLESS, "results may differ in the last bits"))
+    old_world, new_world = meta.get("world_size") or 1, current.get("world_size", 1)
+    if old_world != new_world:
+        drifts.append(
+            Drift(
+                "world size",
+                old_world,
+                new_world,
+                HARMLESS,
+                "each global batch keeps its images, but they are split across a different number of ranks: "
+                "results are not bitwise those of the old world size",
+            )
+        )
     for key in ("device", "threads"):
         if meta.get(key) != current[key]:
             drifts.append(Drift(key, meta.get(key), current[key], HARMLESS, "results may differ in the last bits"))

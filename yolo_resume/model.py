@@ -38,9 +38,12 @@ def build_model(model_cfg: str, num_classes: int, names: list[str], hyp: TrainCo
     return model
 
 
-def compute_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, detached per-component losses [box, cls, dfl])."""
-    loss, items = model.loss(batch)
+def compute_loss(
+    model: torch.nn.Module, batch: dict, net: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, detached per-component losses [box, cls, dfl]). The forward pass goes
+    through `net` when given (the DDP wrapper, which all-reduces gradients in backward)."""
+    loss, items = model.loss(batch, (net or model)(batch["img"]))
     return loss.sum(), torch.stack([v.detach().float() for v in items.values()])
 
 

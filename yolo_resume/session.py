@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
 
-from .checkpoint.manager import CheckpointInfo
+from .checkpoint.manager import CheckpointInfo, inspect
 from .config import Config, apply_overrides, from_dict, load_config, set_key
+from .distributed import Distributed, is_collective_failure
 from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import UserError
 from .lineage import SegmentLog
@@ -34,27 +36,68 @@ def run_training(
     init_weights: Path | None = None,
     trust_pickle: bool = False,
 ) -> int:
+    """Train in this process: alone, or as one rank of a torchrun job (which rank 0 speaks for)."""
     if resume and init_weights is not None:
         raise UserError("--init-weights starts a new run; a resumed run continues from its own checkpoint")
+    dist = Distributed.from_env()
+    if not dist.is_main:
+        say = warn = _silent
+    try:
+        plan = dist.decide(lambda: _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, warn))
+        if plan["complete"]:
+            return 0
+        return _train(
+            dist, plan, quiet, say, warn, allow_drift, stop_after_steps, tensorboard, init_weights, trust_pickle
+        )
+    except Exception as exc:
+        if dist.enabled and is_collective_failure(exc):
+            hint = f"Resume with: yolo-resume train --resume --run-dir {plan['run_dir']}" if "plan" in locals() else ""
+            raise dist.collective_failure(exc, hint) from None
+        raise
+    finally:
+        dist.close()
+
+
+def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, warn) -> dict:
+    """Rank 0's decisions, as JSON for the other ranks: run folder, config, checkpoint to resume."""
+    if not resume and _torchrun_restarted(run_dir):
+        say(f"torchrun restarted this job: resuming run {run_dir} from its newest valid checkpoint")
+        resume = True
     run_dir, cfg, info = _choose_run(config, run_dir, resume, resume_from, say, warn)
-    stored = from_dict(info.meta["config"], source=f"checkpoint {info.path}") if info is not None else None
+    stored = info.meta["config"] if info is not None else None
+    if stored is not None:
+        from_dict(stored, source=f"checkpoint {info.path}")  # a stored config that no longer loads: say so now
     _apply_cli_settings(cfg, overrides, epochs, device)
-    if info is not None and _is_complete(info, cfg):
+    complete = info is not None and _is_complete(info, cfg)
+    if complete:
         say(
             f"run {run_dir} is complete ({info.get('epoch')} of {cfg.train.epochs} epochs); "
             "pass --epochs N with a larger N to train further"
         )
-        return 0
+    return {
+        "run_dir": str(run_dir),
+        "config": cfg.to_dict(),
+        "stored": stored,
+        "checkpoint": str(info.path) if info is not None else None,
+        "complete": complete,
+    }
 
-    trainer = Trainer(cfg, run_dir, quiet=quiet)
+
+def _train(dist, plan, quiet, say, warn, allow_drift, stop_after_steps, tensorboard, init_weights, trust_pickle):
+    run_dir, cfg = Path(plan["run_dir"]), from_dict(plan["config"])
+    info = inspect(Path(plan["checkpoint"])) if plan["checkpoint"] else None
+    trainer = Trainer(cfg, run_dir, quiet=quiet, dist=dist)
     if info is not None:
-        _resume(trainer, info, stored, allow_drift, say, warn)
+        stored = from_dict(plan["stored"])
+        dist.decide(lambda: _check_resume(trainer, info, stored, allow_drift, say, warn))
+        trainer.resume(info)
     else:
         _start_fresh(trainer, init_weights, trust_pickle, say)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
     trainer.stop_after_steps = stop_after_steps
-    if tensorboard:
+    if tensorboard and dist.is_main:
         trainer.enable_tensorboard()
 
     code = _fit_with_segment_log(trainer, info)
@@ -66,6 +109,16 @@ def run_training(
     else:
         say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
     return code
+
+
+def _torchrun_restarted(run_dir: Path | None) -> bool:
+    """torchrun --max-restarts started this process again after a failure, and there is a run to resume."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return restarts > 0 and run_dir is not None and has_checkpoints(run_dir)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """What ranks other than 0 say: nothing (rank 0 speaks for the job)."""
 
 
 def plan_run_dir(config: Path | None, run_dir: Path | None, resume: bool, say) -> Path:
@@ -90,7 +143,7 @@ def _choose_run(config, run_dir, resume, resume_from, say, warn) -> tuple[Path, 
     return run_dir, cfg, info
 
 
-def _resume(trainer: Trainer, info: CheckpointInfo, stored: Config, allow_drift: bool, say, warn) -> None:
+def _check_resume(trainer: Trainer, info: CheckpointInfo, stored: Config, allow_drift: bool, say, warn) -> None:
     drifts = config_drift(stored.to_dict(), trainer.cfg.to_dict())
     drifts += environment_drift(info.meta, trainer.environment())
     _check_drift(drifts, allow_drift, say, warn)
@@ -99,11 +152,11 @@ def _resume(trainer: Trainer, info: CheckpointInfo, stored: Config, allow_drift:
             f"re-planning the LR schedule for {trainer.cfg.train.epochs} epochs (was {info.get('epochs')}) "
             f"from global step {info.get('global_step')}"
         )
-    trainer.resume(info)
 
 
 def _start_fresh(trainer: Trainer, init_weights: Path | None, trust_pickle: bool, say) -> None:
-    truncate_step_log(trainer.run_dir / "steps.csv", 0)  # a fresh start owns the run folder's logs
+    if trainer.dist.is_main:
+        truncate_step_log(trainer.run_dir / "steps.csv", 0)  # a fresh start owns the run folder's logs
     if init_weights is not None:
         transferred, total = trainer.init_weights(init_weights, trust_pickle)
         say(f"initialised {transferred} of {total} tensors from {init_weights}")
@@ -115,6 +168,8 @@ def _start_fresh(trainer: Trainer, init_weights: Path | None, trust_pickle: bool
 
 def _fit_with_segment_log(trainer: Trainer, info: CheckpointInfo | None) -> int:
     """Train, recording in segments.jsonl how this process ended (see lineage.py)."""
+    if not trainer.dist.is_main:
+        return trainer.fit()
     segment_log = SegmentLog(trainer.run_dir, trainer.state.segment, info.name if info else None)
     try:
         code = trainer.fit()

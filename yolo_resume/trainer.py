@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import signal
 import threading
 import time
@@ -18,6 +19,7 @@ from ultralytics.utils.torch_utils import ModelEMA
 from .checkpoint.manager import CheckpointInfo, CheckpointManager
 from .config import Config
 from .data import EpochBatchSampler, build_datasets, collate_fn
+from .distributed import Distributed
 from .errors import CheckpointError, CheckpointSaveError, ConfigError, UserError
 from .evaluate import evaluate
 from .interop import load_init_weights
@@ -32,6 +34,9 @@ from .seeding import configure_determinism, rng_state, seed_everything, set_rng_
 # Exit code after a graceful stop on SIGTERM / SIGUSR1 / Ctrl-C: "temporary failure, retry" (sysexits
 # EX_TEMPFAIL). Schedulers restart on non-zero; `yolo-resume train --resume` continues exactly.
 EXIT_INTERRUPTED = 75
+# sysexits EX_DATAERR: the loss kept turning non-finite at the same step; restarting cannot help.
+EXIT_DIVERGED = 65
+NAN_TEST_ENV = "YOLO_RESUME_TEST_NAN_AT"  # tests: "STEP" or "STEP:MARKER" (once, while MARKER is absent)
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 PLOT_EVERY_S = 60.0
 
@@ -57,30 +62,62 @@ class TrainState:
             setattr(self, key, value)
 
 
-def select_device(name: str) -> torch.device:
+class DivergedError(UserError):
+    exit_code = EXIT_DIVERGED
+
+
+class NonFiniteLoss(Exception):
+    """The loss of the step about to be trained is NaN or infinite (raised before backward)."""
+
+    def __init__(self, global_step: int):
+        super().__init__(f"non-finite loss at global step {global_step}")
+        self.global_step = global_step
+
+
+def select_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The device to train on; under torchrun each process takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device `{name}` requested but CUDA is not available; use --device cpu")
+    if name == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, quiet: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path, quiet: bool = False, dist: Distributed | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = select_device(cfg.train.device)
+        self.dist = dist or Distributed()
+        self.device = select_device(cfg.train.device, self.dist.local_rank if self.dist.enabled else None)
+        self.dist.configure(cfg.dist.backend, self.device, cfg.dist.timeout_s)
+        if cfg.train.batch % self.dist.world_size:
+            raise ConfigError(
+                f"config key `train.batch` ({cfg.train.batch}) is the global batch and must be divisible by the "
+                f"number of processes ({self.dist.world_size})"
+            )
         configure_determinism(cfg.train.deterministic)
         seed_everything(cfg.train.seed)
-        self.train_ds, self.val_ds = build_datasets(
-            cfg.data, cfg.augment, cfg.model.imgsz, cfg.train.seed, cfg.train.epochs
-        )
+        with self.dist.main_first():  # rank 0 generates or caches the dataset, then the others read it
+            self.train_ds, self.val_ds = build_datasets(
+                cfg.data, cfg.augment, cfg.model.imgsz, cfg.train.seed, cfg.train.epochs
+            )
         self.model = build_model(cfg.model.cfg, len(self.train_ds.names), self.train_ds.names, cfg.train)
         self.model.to(self.device)
-        self.ema = ModelEMA(self.model) if cfg.train.ema else None
+        self.net: torch.nn.Module = self.model  # what the forward pass goes through (DDP under torchrun)
+        # Only rank 0 validates and saves, so only rank 0 keeps the EMA.
+        self.ema = ModelEMA(self.model) if cfg.train.ema and self.dist.is_main else None
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
-        self.sampler = EpochBatchSampler(len(self.train_ds), cfg.train.batch, seed=cfg.train.seed)
+        # train.batch is global: each of the world_size ranks takes its share of every global batch.
+        self.sampler = EpochBatchSampler(
+            len(self.train_ds),
+            cfg.train.batch // self.dist.world_size,
+            seed=cfg.train.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         self.schedule = LRSchedule.from_config(cfg.train, self.sampler.batches_per_epoch())
         self.accumulate = accumulate_steps(cfg.train)
         self.state = TrainState()
@@ -96,8 +133,11 @@ class Trainer:
         self._last_plot = -PLOT_EVERY_S
         self.train_loader = self._loader(self.train_ds, batch_sampler=self.sampler)
         self.val_loader = self._loader(self.val_ds, batch_size=cfg.train.batch * 2, shuffle=False)
-        self.progress = TrainProgress(quiet=quiet)
-        self.stop_signal: str | None = None
+        self.progress = TrainProgress(quiet=quiet or not self.dist.is_main)
+        self.stop_requested: str | None = None  # set by a signal handler on this rank
+        self.stop_signal: str | None = None  # the stop every rank agreed on (acted upon after the step)
+        self._time_save_due = False  # ckpt.every_minutes, agreed by every rank at the last step
+        self._rollbacks = 0
         self._last_save_time = time.monotonic()
         self._last_saved_step = -1
         self.dataset_fingerprint = self.train_ds.fingerprint() + ":" + self.val_ds.fingerprint()
@@ -149,12 +189,17 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.state.load_state_dict(state["train_state"])
-        set_rng_state(state["rng"])
+        # Each rank continues its own RNG streams; with another world size, rank r takes rank r mod N's.
+        rank_rng = state.get("rank_rng") or [state["rng"]]
+        set_rng_state(rank_rng[self.dist.rank % len(rank_rng)])
         params = dict(self.model.named_parameters())
+        self.optimizer.zero_grad(set_to_none=True)  # a rollback may land here mid accumulation window
         for name, grad in state["pending_grads"].items():
             params[name].grad = grad.to(self.device)
 
-    def resume(self, info: CheckpointInfo) -> None:
+    def resume(self, info: CheckpointInfo, ended: str | None = None) -> None:
+        """Load `info`; `ended` says why the previous stretch stopped when this process knows it
+        (a rollback), instead of reading it from the segment log."""
         state, _ = self.ckpt.load(info.path, map_location=str(self.device))
         try:
             self.load_state_dict(state)
@@ -168,31 +213,39 @@ class Trainer:
         self.resumed_from = str(info.path)
         self._last_saved_step = self.state.global_step
         steps_log = self.run_dir / "steps.csv"
-        self.lineage = list(info.get("lineage") or []) + [
-            interruption_entry(
-                self.run_dir, self.state.segment, info.name, self.state.global_step, last_logged_step(steps_log)
-            )
-        ]
-        truncate_step_log(steps_log, self.state.global_step)
+        entry = interruption_entry(
+            self.run_dir, self.state.segment, info.name, self.state.global_step, last_logged_step(steps_log)
+        )
+        if ended is not None:
+            entry["previous_segment_ended"] = ended
+        self.lineage = list(info.get("lineage") or []) + [entry]
+        if self.dist.is_main:
+            truncate_step_log(steps_log, self.state.global_step)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> int:
         """Train to `train.epochs`; returns the process exit code (0, or EXIT_INTERRUPTED)."""
+        self.net = self.dist.wrap(self.model, self.device)
         with self.progress, _StopOnSignals(self):
             try:
                 while self.state.epoch < self.cfg.train.epochs and not self.stop_signal:
-                    self.train_epoch()
+                    try:
+                        self.train_epoch()
+                    except NonFiniteLoss as bad:
+                        self.roll_back(bad)
+                        continue
                     if not self.stop_signal:
                         self.end_epoch()
                 if self.stop_signal:
                     self.save(reason=f"signal:{self.stop_signal}")
             finally:
-                if self.state.history:
+                if self.state.history and self.dist.is_main:
                     self.redraw_plot(wait=True)  # the final picture, complete
                 self.ckpt.wait()  # never exit with a save in flight
                 if self.tb is not None:
                     self.tb.close()
             self.check_saves(final=True)
+            self.dist.barrier()  # every rank leaves together, after rank 0's last commit
         if self.stop_signal:
             return EXIT_INTERRUPTED
         self.progress.summary(self.state.history)
@@ -208,7 +261,8 @@ class Trainer:
             state.step_in_epoch += 1
             state.global_step += 1
             state.epoch_loss_sum = [a + b for a, b in zip(state.epoch_loss_sum, losses, strict=True)]
-            append_step_log(self.run_dir / "steps.csv", state, losses, lr)
+            if self.dist.is_main:
+                append_step_log(self.run_dir / "steps.csv", state, losses, lr)
             self.log_scalars(
                 {f"train/{n}": v for n, v in zip(LOSS_NAMES, losses, strict=True)} | {"lr": lr}, state.global_step
             )
@@ -227,13 +281,25 @@ class Trainer:
         lr = self.schedule.apply(self.optimizer, self.state.global_step)
         batch = self.to_device(batch)
         with torch.autocast(self.device.type, enabled=self.amp):
-            loss, items = compute_loss(self.model, batch)
+            loss, items = compute_loss(self.model, batch, self.net)
+        loss = _inject_test_nan(loss, self.state.global_step + 1) * self.dist.world_size
+        # One message per step agrees, before backward, on what every rank must do the same way:
+        # skip a non-finite step, stop after this step, save by the clock; and averages the losses.
+        bad, stop, time_due, *loss_sums = self.dist.sum_(
+            [float(not math.isfinite(loss.item())), float(self.stop_requested is not None), float(self._clock_due())]
+            + items.tolist()
+        )
+        if bad:
+            raise NonFiniteLoss(self.state.global_step + 1)
+        if stop and not self.stop_signal:
+            self.stop_signal = self.stop_requested or "a stop signal on another rank"
+        self._time_save_due = bool(time_due)
         self.ckpt.wait_snapshot()  # a save in flight must copy the weights before backward changes them
         self.scaler.scale(loss).backward()
         # Accumulation windows restart at each epoch, so the window position is a function of the step.
         if (i + 1) % self.accumulate == 0 or i + 1 == nb:
             self.optimizer_step()
-        return items.tolist(), lr
+        return [v / self.dist.world_size for v in loss_sums], lr
 
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -255,7 +321,8 @@ class Trainer:
 
     def end_epoch(self) -> None:
         state, nb = self.state, self.sampler.batches_per_epoch()
-        metrics = self.validate() if self.eval_due() else {}
+        # Rank 0 validates; the others wait for its metrics, so every rank keeps the same history.
+        metrics = self.dist.broadcast_json(self.validate() if self.eval_due() and self.dist.is_main else {})
         row = {"epoch": state.epoch + 1, "segment": state.segment}
         row |= {
             name: value / max(state.step_in_epoch, 1)
@@ -269,11 +336,40 @@ class Trainer:
         state.epoch += 1
         state.step_in_epoch = 0
         state.epoch_loss_sum = [0.0] * len(LOSS_NAMES)
-        write_results_csv(self.run_dir / "results.csv", state.history)
-        self.redraw_plot()
+        if self.dist.is_main:
+            write_results_csv(self.run_dir / "results.csv", state.history)
+            self.redraw_plot()
         self.progress.end_epoch(row, nb)
         if self.epoch_save_due() or self.step_save_due():
             self.save(reason="epoch")
+
+    def roll_back(self, bad: NonFiniteLoss) -> None:
+        """Continue from the newest valid checkpoint instead of training on a non-finite loss; after
+        `train.nan_retries` rollbacks, stop: the divergence then is in the data or the schedule."""
+        self._rollbacks += 1
+        self.ckpt.wait()
+        self.check_saves()
+        where = f"global step {bad.global_step} (epoch {self.state.epoch + 1}, batch {self.state.step_in_epoch + 1})"
+        retries = self.cfg.train.nan_retries
+
+        def newest_valid() -> str:
+            info = self.ckpt.latest_valid()
+            if self._rollbacks > retries or info is None:
+                last = f"the newest valid checkpoint is {info.name}" if info else "no checkpoint was saved yet"
+                raise DivergedError(
+                    f"training diverged: the loss is non-finite at {where} after {self._rollbacks - 1} rollback(s) "
+                    f"(train.nan_retries={retries}); {last}. Lower train.lr0, raise train.warmup_epochs or check "
+                    "that batch's labels, then resume with --resume"
+                )
+            return info.name
+
+        name = self.dist.decide(newest_valid)
+        info = next(i for i in self.ckpt.list() if i.name == name)
+        self.progress.notice(
+            f"non-finite loss at {where}: rolling back to {name} (rollback {self._rollbacks} of at most {retries})"
+        )
+        self.resume(info, ended=f"rolled back: non-finite loss at global step {bad.global_step}")
+        self.net = self.dist.wrap(self.model, self.device)  # a fresh DDP reducer: the bad step never ran backward
 
     def init_weights(self, path: Path, trust_pickle: bool) -> tuple[int, int]:
         """Start from existing weights (a fresh run only); the EMA restarts from them too."""
@@ -333,16 +429,26 @@ class Trainer:
         return epoch == self.cfg.train.epochs or (every > 0 and epoch % every == 0)
 
     def step_save_due(self) -> bool:
-        every_steps, every_min = self.cfg.ckpt.every_steps, self.cfg.ckpt.every_minutes
+        every_steps = self.cfg.ckpt.every_steps
         if every_steps and self.state.global_step % every_steps == 0:
             return True
+        return self._time_save_due
+
+    def _clock_due(self) -> bool:
+        """ckpt.every_minutes elapsed on this rank's clock (the ranks then agree in the step message)."""
+        every_min = self.cfg.ckpt.every_minutes
         return bool(every_min) and time.monotonic() - self._last_save_time >= every_min * 60
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, reason: str) -> None:
         if self.state.global_step == self._last_saved_step:
             return  # this exact state is already committed (or being committed)
-        self.ckpt.save(self.state_for_save(), self.checkpoint_meta(reason))
+        rank_rng = self.dist.gather_state(rng_state())  # every rank's part, before rank 0 commits
+        if self.dist.is_main:
+            state = self.state_for_save()
+            if self.dist.enabled:
+                state["rank_rng"] = rank_rng
+            self.ckpt.save(state, self.checkpoint_meta(reason))
         self._last_save_time = time.monotonic()
         self._last_saved_step = self.state.global_step
         self.check_saves()
@@ -400,6 +506,7 @@ class Trainer:
             "versions": self.versions,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "world_size": self.dist.world_size,
         }
 
 
@@ -418,15 +525,28 @@ class _StopOnSignals:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.trainer.stop_signal and signum == signal.SIGINT:
+        if self.trainer.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: abort at once
-        self.trainer.stop_signal = name
+        self.trainer.stop_requested = name
         self.trainer.progress.notice(f"{name} received: finishing the current step, then saving a checkpoint")
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
+
+
+def _inject_test_nan(loss: torch.Tensor, global_step: int) -> torch.Tensor:
+    """Fault injection for tests: a NaN loss at one step, every time or once (while MARKER is absent)."""
+    spec = os.environ.get(NAN_TEST_ENV)
+    if not spec:
+        return loss
+    step, _, marker = spec.partition(":")
+    if int(step) != global_step or (marker and os.path.exists(marker)):
+        return loss
+    if marker:
+        Path(marker).touch()
+    return loss * float("nan")
 
 
 def _ignore_sigint(_worker_id: int) -> None:
