@@ -54,6 +54,11 @@ def worker_prefix(nproc: int) -> list[str]:
         str(nproc),
         "--max-restarts",
         "0",
+        # Forward SLURM's SIGUSR1 too, and give the ranks time to finish a step and save before SIGKILL.
+        "--signals-to-handle",
+        "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown-timeout",
+        "300",
         "-m",
         "yolo_resume",
         "train",

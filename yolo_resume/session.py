@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from .distributed import Distributed, is_collective_failure
 from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import UserError
 from .lineage import SegmentLog
+from .provenance import utc_now
 from .runs import CONFIG_FILE, find_resume_point, has_checkpoints, most_recent_run, new_run_dir
 from .trainer import EXIT_INTERRUPTED, Trainer, truncate_step_log
 
@@ -42,20 +44,46 @@ def run_training(
     dist = Distributed.from_env()
     if not dist.is_main:
         say = warn = _silent
+    plan, code = None, 1
     try:
         plan = dist.decide(lambda: _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, warn))
         if plan["complete"]:
-            return 0
-        return _train(
-            dist, plan, quiet, say, warn, allow_drift, stop_after_steps, tensorboard, init_weights, trust_pickle
-        )
+            code = 0
+        else:
+            code = _train(
+                dist, plan, quiet, say, warn, allow_drift, stop_after_steps, tensorboard, init_weights, trust_pickle
+            )
+        return code
+    except UserError as exc:
+        code = exc.exit_code
+        raise
+    except KeyboardInterrupt:
+        code = 130
+        raise
     except Exception as exc:
         if dist.enabled and is_collective_failure(exc):
-            hint = f"Resume with: yolo-resume train --resume --run-dir {plan['run_dir']}" if "plan" in locals() else ""
-            raise dist.collective_failure(exc, hint) from None
+            hint = f"Resume with: yolo-resume train --resume --run-dir {plan['run_dir']}" if plan else ""
+            failure = dist.collective_failure(exc, hint)
+            code = failure.exit_code
+            raise failure from None
         raise
     finally:
+        if dist.enabled and dist.is_main and plan:
+            write_last_exit(Path(plan["run_dir"]), code)
         dist.close()
+
+
+LAST_EXIT_FILE = "last_exit.json"
+
+
+def write_last_exit(run_dir: Path, code: int) -> None:
+    """Rank 0's exit code, for the supervisor: torchrun reports any failing job as plain exit 1, which
+    would hide a config error (2), a divergence (65) or a graceful stop (75)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / LAST_EXIT_FILE).write_text(json.dumps({"code": code, "time": utc_now()}) + "\n")
+    except OSError:
+        pass  # a full disk must not replace the real error
 
 
 def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, warn) -> dict:

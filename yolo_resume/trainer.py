@@ -152,7 +152,7 @@ class Trainer:
             collate_fn=collate_fn,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
-            worker_init_fn=_ignore_sigint if workers > 0 else None,
+            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
             # A private generator: creating a loader iterator must not consume the global torch RNG,
             # or the RNG stream would depend on where a run was resumed.
             generator=torch.Generator().manual_seed(self.cfg.train.seed),
@@ -549,9 +549,11 @@ def _inject_test_nan(loss: torch.Tensor, global_step: int) -> torch.Tensor:
     return loss * float("nan")
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; only the main process decides how to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group, and torchrun signals each rank's group: only the main
+    # process decides how to stop. A worker whose parent is gone exits by itself (DataLoader watchdog).
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 # -- run-dir logs ------------------------------------------------------------------------------
