@@ -12,7 +12,6 @@ Design:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
@@ -139,14 +138,21 @@ class Distributed:
             states.append(unflatten_state(received, skeleton))
         return states
 
-    @contextlib.contextmanager
-    def main_first(self):
-        """Rank 0 runs the block first (e.g. generating a dataset), the others after it finished."""
-        if not self.is_main:
-            self.barrier()
-        yield
+    def main_first(self, work):
+        """Run `work()` on rank 0 first (e.g. generating a dataset), then on the others. A UserError on
+        rank 0 reaches the others as a quiet exit with the same code, so its message prints once."""
+        if not self.enabled:
+            return work()
         if self.is_main:
-            self.barrier()
+            box = {}
+
+            def first() -> None:
+                box["result"] = work()
+
+            self.decide(first)
+            return box["result"]
+        self.decide(None)  # wait for rank 0 (or leave quietly with its exit code)
+        return work()
 
     def decide(self, decision):
         """Run `decision()` on rank 0 and give its (JSON) result to every rank. A UserError on rank 0

@@ -18,7 +18,7 @@ from .errors import UserError
 from .lineage import SegmentLog
 from .provenance import utc_now
 from .runs import CONFIG_FILE, find_resume_point, has_checkpoints, most_recent_run, new_run_dir
-from .trainer import EXIT_INTERRUPTED, Trainer, truncate_step_log
+from .trainer import EXIT_INTERRUPTED, Trainer, check_world_size, truncate_step_log
 
 
 def run_training(
@@ -46,7 +46,9 @@ def run_training(
         say = warn = _silent
     plan, code = None, 1
     try:
-        plan = dist.decide(lambda: _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, warn))
+        plan = dist.decide(
+            lambda: _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, warn, dist.world_size)
+        )
         if plan["complete"]:
             code = 0
         else:
@@ -86,7 +88,7 @@ def write_last_exit(run_dir: Path, code: int) -> None:
         pass  # a full disk must not replace the real error
 
 
-def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, warn) -> dict:
+def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, warn, world_size) -> dict:
     """Rank 0's decisions, as JSON for the other ranks: run folder, config, checkpoint to resume."""
     if not resume and _torchrun_restarted(run_dir):
         say(f"torchrun restarted this job: resuming run {run_dir} from its newest valid checkpoint")
@@ -96,6 +98,7 @@ def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, 
     if stored is not None:
         from_dict(stored, source=f"checkpoint {info.path}")  # a stored config that no longer loads: say so now
     _apply_cli_settings(cfg, overrides, epochs, device)
+    check_world_size(cfg, world_size)
     complete = info is not None and _is_complete(info, cfg)
     if complete:
         say(

@@ -85,23 +85,27 @@ def select_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device(name)
 
 
+def check_world_size(cfg: Config, world_size: int) -> None:
+    if cfg.train.batch % world_size:
+        raise ConfigError(
+            f"config key `train.batch` ({cfg.train.batch}) is the global batch and must be divisible by the "
+            f"number of processes ({world_size})"
+        )
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, quiet: bool = False, dist: Distributed | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = dist or Distributed()
         self.device = select_device(cfg.train.device, self.dist.local_rank if self.dist.enabled else None)
         self.dist.configure(cfg.dist.backend, self.device, cfg.dist.timeout_s)
-        if cfg.train.batch % self.dist.world_size:
-            raise ConfigError(
-                f"config key `train.batch` ({cfg.train.batch}) is the global batch and must be divisible by the "
-                f"number of processes ({self.dist.world_size})"
-            )
+        check_world_size(cfg, self.dist.world_size)
         configure_determinism(cfg.train.deterministic)
         seed_everything(cfg.train.seed)
-        with self.dist.main_first():  # rank 0 generates or caches the dataset, then the others read it
-            self.train_ds, self.val_ds = build_datasets(
-                cfg.data, cfg.augment, cfg.model.imgsz, cfg.train.seed, cfg.train.epochs
-            )
+        # Rank 0 generates or indexes the dataset first, then the others read it.
+        self.train_ds, self.val_ds = self.dist.main_first(
+            lambda: build_datasets(cfg.data, cfg.augment, cfg.model.imgsz, cfg.train.seed, cfg.train.epochs)
+        )
         self.model = build_model(cfg.model.cfg, len(self.train_ds.names), self.train_ds.names, cfg.train)
         self.model.to(self.device)
         self.net: torch.nn.Module = self.model  # what the forward pass goes through (DDP under torchrun)
