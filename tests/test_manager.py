@@ -79,3 +79,20 @@ def test_existing_folder_for_the_same_step_is_kept_aside(tmp_path):
     assert [r.error for r in manager.poll()] == [None]
     assert (tmp_path / "ckpt-000000003" / "manifest.json").exists()
     assert [p.name for p in tmp_path.glob("ckpt-000000003.superseded-*")]
+
+
+def test_for_run_keeps_local_checkpoints_local(tmp_path):
+    from yolo_resume.config import Config
+
+    cfg = Config()
+    cfg.ckpt.dir = f"file://{tmp_path / 'elsewhere'}"  # a file:// URL is a local folder
+    manager = CheckpointManager.for_run(cfg.ckpt, tmp_path / "run")
+    assert manager.remote is None and manager.directory == tmp_path / "elsewhere"
+    manager.save(state(2.0), {"global_step": 2})
+    manager.wait()
+    assert [r.error for r in manager.poll()] == [None]
+    info = manager.get("ckpt-000000002", deep=True)
+    assert info.valid and info.path == tmp_path / "elsewhere" / "ckpt-000000002" and not info.remote
+    assert info.modified() == info.path.stat().st_mtime and info.size_bytes() > 256 * 256 * 4
+    assert manager.inspect(str(info.path)).meta["global_step"] == 2
+    assert not (tmp_path / "run" / ".staging").exists()  # staging is only for remote checkpoints

@@ -253,3 +253,18 @@ def test_resume_shows_thread_count_change(straight, tmp_path):
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if "threads" in line)
     assert "harmless" in row and "last bits" in row
+
+
+def test_auto_resume_starts_an_empty_run_then_resumes_it_exactly(straight, tmp_path):
+    """One command for pods and job schedulers that rerun it: start when the run folder is empty,
+    resume when it has a checkpoint."""
+    args = ["train", "--auto-resume", "--run-dir", "run", "-q", *sets(tmp_path / "data")]
+    first = cli(*args, "--stop-after-steps", "5", cwd=tmp_path)
+    assert first.returncode == 75, first.stdout + first.stderr
+    assert "training yolov5n.yaml" in first.stdout
+    second = cli(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming run run from ckpt-000000005" in second.stdout
+    assert_same_as_straight(straight, tmp_path / "run", resumed_at=5)
+    missing = cli("train", "--auto-resume", "-q", cwd=tmp_path)
+    assert missing.returncode == 2 and "--auto-resume needs --run-dir" in missing.stderr

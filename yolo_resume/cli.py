@@ -64,7 +64,14 @@ def train(
     epochs: int = typer.Option(None, "--epochs", help="Number of epochs (on resume: extend or shorten)."),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(False, "--resume", help="Continue the newest valid checkpoint of the run."),
-    resume_from: Path = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
+    resume_from: str = typer.Option(
+        None, "--resume-from", help="Continue from this checkpoint (a folder, or a URL such as s3://b/run/ckpt-N)."
+    ),
+    auto_resume: bool = typer.Option(
+        False,
+        "--auto-resume",
+        help="Resume --run-dir if it has a checkpoint, else start it: one command for schedulers and pods.",
+    ),
     allow_drift: bool = typer.Option(False, "--allow-drift", help="Resume despite breaking config/data changes."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log scalars per step to <run>/tensorboard."),
     init_weights: Path = typer.Option(
@@ -87,6 +94,12 @@ def train(
     alert_webhook: str = typer.Option(None, "--alert-webhook", help="URL that receives the same JSON by POST."),
 ):
     """Train a detector; with --resume, continue an interrupted run exactly where it stopped."""
+    if auto_resume:
+        if run_dir is None:
+            raise UserError("--auto-resume needs --run-dir: the run folder to resume, or to start when it is empty")
+        from .runs import has_checkpoints
+
+        resume = resume or has_checkpoints(run_dir)
     if nproc > 1 or max_restarts > 0 or alert_cmd or alert_webhook:
         from .launch import launch_supervised
 
@@ -135,7 +148,7 @@ def train(
 @ckpt_app.command("list")
 @user_errors
 def ckpt_list(
-    run: Path = typer.Argument(None, help="Run folder (default: the most recent run under runs/)."),
+    run: str = typer.Argument(None, help="Run folder or checkpoint URL prefix (default: the most recent run)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array."),
     fast: bool = typer.Option(False, "--fast", help="Check manifests and metadata only, do not hash tensors."),
 ):
@@ -175,16 +188,16 @@ def ckpt_list(
 @ckpt_app.command("prune")
 @user_errors
 def ckpt_prune(
-    run: Path = typer.Argument(None, help="Run folder (default: the most recent run under runs/)."),
+    run: str = typer.Argument(None, help="Run folder or checkpoint URL prefix (default: the most recent run)."),
     keep_last: int = typer.Option(3, "--keep-last", min=0, help="Keep the newest N."),
     keep_best: int = typer.Option(1, "--keep-best", min=0, help="Keep the K best by fitness."),
     keep_every: int = typer.Option(0, "--keep-every", min=0, help="Keep epoch-end checkpoints every E epochs."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print what would be deleted."),
 ):
     """Delete checkpoints no policy keeps; pinned ones and the newest valid one always stay."""
-    from .runs import manager_for, most_recent_run
+    from .runs import manager_for_target
 
-    manager = manager_for(Path(run) if run else most_recent_run())
+    manager = manager_for_target(run)
     doomed = manager.prune(dry_run=True, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
     freed = sum(info.size_bytes() for info in doomed)
     verb = "would delete" if dry_run else "deleting"
@@ -197,39 +210,48 @@ def ckpt_prune(
 
 @ckpt_app.command("pin")
 @user_errors
-def ckpt_pin(ckpt: Path = typer.Argument(..., help="Checkpoint folder.")):
+def ckpt_pin(ckpt: str = typer.Argument(..., help="Checkpoint folder, RUN/ckpt-N of a remote run, or URL.")):
     """Protect a checkpoint from pruning."""
     _set_pin(ckpt, True)
 
 
 @ckpt_app.command("unpin")
 @user_errors
-def ckpt_unpin(ckpt: Path = typer.Argument(..., help="Checkpoint folder.")):
+def ckpt_unpin(ckpt: str = typer.Argument(..., help="Checkpoint folder, RUN/ckpt-N of a remote run, or URL.")):
     """Let retention prune a checkpoint again."""
     _set_pin(ckpt, False)
 
 
-def _set_pin(ckpt: Path, pinned: bool) -> None:
+def _set_pin(ckpt: str, pinned: bool) -> None:
     from .checkpoint.manager import NAME_RE, CheckpointManager
+    from .runs import locate_checkpoint
 
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir() or not NAME_RE.match(ckpt.name):
+    located = locate_checkpoint(ckpt)  # a remote checkpoint (URL, or RUN/ckpt-N of a remote run)
+    if located is not None:
+        manager, name = located
+        manager.pin(name, pinned)
+        out.print(f"{'pinned' if pinned else 'unpinned'} {manager.remote.url_of(name)}")
+        return
+    path = Path(ckpt)
+    if not path.is_dir() or not NAME_RE.match(path.name):
         raise UserError(f"`{ckpt}` is not a checkpoint folder (ckpt-<step>); see `yolo-resume ckpt list`")
-    CheckpointManager(ckpt.parent).pin(ckpt.name, pinned)
-    out.print(f"{'pinned' if pinned else 'unpinned'} {ckpt}")
+    CheckpointManager(path.parent).pin(path.name, pinned)
+    out.print(f"{'pinned' if pinned else 'unpinned'} {path}")
 
 
 @ckpt_app.command("diff")
 @user_errors
 def ckpt_diff(
-    a: Path = typer.Argument(..., help="First checkpoint folder."),
-    b: Path = typer.Argument(..., help="Second checkpoint folder."),
+    a: str = typer.Argument(..., help="First checkpoint folder (or URL, or RUN/ckpt-N of a remote run)."),
+    b: str = typer.Argument(..., help="Second checkpoint folder (or URL, or RUN/ckpt-N of a remote run)."),
     top: int = typer.Option(15, "--top", help="Show at most this many differing tensors."),
 ):
     """Config and metadata differences, and which tensors differ and by how much."""
     from .checkpoint.diff import diff_checkpoints
+    from .runs import local_checkpoint
 
-    report = diff_checkpoints(Path(a), Path(b))
+    with local_checkpoint(a) as local_a, local_checkpoint(b) as local_b:
+        report = diff_checkpoints(local_a, local_b)
     if report.metadata:
         table = Table(title="metadata and config")
         for col in ("what", str(a), str(b)):
@@ -257,28 +279,39 @@ def ckpt_diff(
 @ckpt_app.command("export")
 @user_errors
 def ckpt_export(
-    ckpt: Path = typer.Argument(..., help="Checkpoint folder."),
+    ckpt: str = typer.Argument(..., help="Checkpoint folder (or URL, or RUN/ckpt-N of a remote run)."),
     fmt: str = typer.Option("ultralytics", "--format", "-f", help="ultralytics (.pt), safetensors or onnx."),
     output: Path = typer.Option(..., "--output", "-o", help="Output file (or folder)."),
     weights: str = typer.Option("ema", "--weights", help="ema (default) or model."),
 ):
     """Export weights for deployment: an ultralytics .pt that YOLO(...) loads, safetensors, or ONNX."""
     from .interop import export_checkpoint
+    from .runs import local_checkpoint
 
-    path = export_checkpoint(Path(ckpt), fmt, Path(output), weights=weights)
+    with local_checkpoint(ckpt) as local:
+        path = export_checkpoint(local, fmt, Path(output), weights=weights)
     out.print(f"exported {ckpt} ({weights} weights) to {path}")
 
 
 @ckpt_app.command("show")
 @user_errors
 def ckpt_show(
-    ckpt: Path = typer.Argument(..., help="Checkpoint folder."),
+    ckpt: str = typer.Argument(..., help="Checkpoint folder (or URL, or RUN/ckpt-N of a remote run)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
 ):
     """Show a checkpoint's metadata, including the SHA-256 digests of its model, EMA and optimizer."""
     from .checkpoint.format import read_meta
+    from .errors import CheckpointError
+    from .runs import locate_checkpoint
 
-    meta = read_meta(Path(ckpt))
+    located = locate_checkpoint(ckpt)
+    if located is not None:
+        info = located[0].get(located[1])
+        if not info.valid:
+            raise CheckpointError(info.error)
+        meta = info.meta
+    else:
+        meta = read_meta(Path(ckpt))
     if as_json:
         print(json.dumps(meta, indent=2))
         return
@@ -312,12 +345,11 @@ def ckpt_show(
 
 @ckpt_app.command("verify")
 @user_errors
-def ckpt_verify(target: Path = typer.Argument(None, help="Run folder or checkpoint folder.")):
+def ckpt_verify(target: str = typer.Argument(None, help="Run folder, checkpoint folder, or URL.")):
     """Verify sizes and SHA-256 of every file; exit 1 if any checkpoint is invalid."""
-    from .checkpoint.manager import inspect
     from .runs import resolve_checkpoint
 
-    infos = [inspect(i.path, deep=True) for i in resolve_checkpoint(target)]
+    infos = resolve_checkpoint(target, deep=True)  # remote checkpoints: downloaded and verified
     if not infos:
         raise UserError(f"no checkpoint found in `{target or 'the most recent run'}`")
     for info in infos:

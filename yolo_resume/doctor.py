@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint.manager import CheckpointManager
 from .errors import UserError
-from .runs import resolve_checkpoint
+from .runs import local_checkpoint, resolve_checkpoint
 
 
 @dataclass
@@ -64,9 +64,11 @@ def replay_check(target: Path | None, steps: int, say) -> ReplayResult:
     extra = ["--epochs", str(int(start.get("epochs")) + 1)] if start.get("finished") else []
     half = max(steps // 2, 1)
     say(f"replaying {steps} steps from {start.path} (stop and resume after {half})")
-    with tempfile.TemporaryDirectory(prefix="yolo-resume-doctor-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="yolo-resume-doctor-") as tmp, local_checkpoint(start.path) as local:
         tmp = Path(tmp)
-        common = ["--resume-from", str(start.path.resolve()), *extra]
+        # The replays keep their checkpoints in their own temporary run folders (`ckpt.dir=`), never
+        # in the run's checkpoint folder or bucket; a remote start point is a verified local copy.
+        common = ["--resume-from", str(Path(local).resolve()), "--set", "ckpt.dir=", *extra]
         runs = [
             _train([*common, "--run-dir", str(tmp / "a"), "--stop-after-steps", str(steps)], tmp),
             _train([*common, "--run-dir", str(tmp / "b"), "--stop-after-steps", str(half)], tmp),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 # Options the launcher consumes; workers never see them (so a worker never launches again).
 LAUNCHER_OPTIONS = ("--nproc", "--max-restarts", "--alert-cmd", "--alert-webhook")
+LAUNCHER_FLAGS = ("--auto-resume",)  # decided once by the launcher; restarts use --resume
 # Options that only make sense for the first attempt: a restart continues the run's own checkpoint.
 FIRST_ATTEMPT_OPTIONS = ("--init-weights", "--resume-from")
 FIRST_ATTEMPT_FLAGS = ("--trust-pickle",)
@@ -67,7 +68,7 @@ def worker_prefix(nproc: int) -> list[str]:
 
 def attempt_commands(argv: list[str], run_dir: Path, nproc: int) -> tuple[list[str], list[str]]:
     """(first attempt, resuming attempt) for the command line `argv`, both pinned to `run_dir`."""
-    args = drop_options(train_arguments(argv), LAUNCHER_OPTIONS + ("--run-dir",))
+    args = drop_options(train_arguments(argv), LAUNCHER_OPTIONS + ("--run-dir",), LAUNCHER_FLAGS)
     prefix = worker_prefix(nproc) + ["--run-dir", str(run_dir)]
     resume_args = drop_options(args, FIRST_ATTEMPT_OPTIONS, FIRST_ATTEMPT_FLAGS)
     if "--resume" not in resume_args:
@@ -93,9 +94,12 @@ def launch_supervised(
 
     run_dir = plan_run_dir(config, run_dir, resume, say)
     first, resume_cmd = attempt_commands(argv, run_dir, nproc)
+    explicit = any(a in ("--resume", "--resume-from") or a.startswith("--resume-from=") for a in argv)
+    if resume and not explicit:
+        first = resume_cmd  # --auto-resume found a checkpoint
     return supervise(
         first_cmd=first,
-        resume_cmd=resume_cmd if not resume else first,
+        resume_cmd=resume_cmd,  # restarts continue the newest valid checkpoint, whatever the first attempt was
         run_dir=run_dir,
         max_restarts=max_restarts,
         alert_cmd=alert_cmd,

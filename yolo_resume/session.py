@@ -116,7 +116,7 @@ def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, 
 
 def _train(dist, plan, quiet, say, warn, allow_drift, stop_after_steps, tensorboard, init_weights, trust_pickle):
     run_dir, cfg = Path(plan["run_dir"]), from_dict(plan["config"])
-    info = inspect(Path(plan["checkpoint"])) if plan["checkpoint"] else None
+    info = inspect(plan["checkpoint"], storage_options=cfg.ckpt.storage_options) if plan["checkpoint"] else None
     trainer = Trainer(cfg, run_dir, quiet=quiet, dist=dist)
     if info is not None:
         stored = from_dict(plan["stored"])
