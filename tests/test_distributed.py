@@ -16,15 +16,25 @@ from yolo_resume.checkpoint.format import read_meta
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 WORKER = ["-m", "yolo_resume", "train", "-q"]
+# One thread per rank, as torchrun sets by default (conftest's import of yolo_resume pins 2 for the
+# single-process tests; 2 ranks x 2 threads on 2 cores would oversubscribe them).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def torchrun(*args, cwd: Path, extra: tuple = (), timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, *extra, *WORKER, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*TORCHRUN, *extra, *WORKER, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def start_torchrun(*args, cwd: Path, extra: tuple = ()) -> subprocess.Popen:
     return subprocess.Popen(
-        [*TORCHRUN, *extra, *WORKER, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*TORCHRUN, *extra, *WORKER, *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -158,7 +168,7 @@ def test_nproc_with_max_restarts_recovers_a_killed_rank_exactly(ddp_straight, tm
     proc = subprocess.Popen(
         [sys.executable, *WORKER, "--run-dir", "run", "--nproc", "2", "--max-restarts", "1", *sets(tmp_path / "data")],
         cwd=tmp_path,
-        env={**os.environ, "YOLO_RESUME_RESTART_BACKOFF_S": "0.1"},
+        env={**ENV, "YOLO_RESUME_RESTART_BACKOFF_S": "0.1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -190,7 +200,7 @@ def test_resume_with_another_world_size_says_what_changes(ddp_straight, tmp_path
     shutil.copytree(ddp_straight / "run", run, ignore=shutil.ignore_patterns("ckpt-00000000[7-9]", "ckpt-00000001*"))
     from conftest import cli
 
-    result = cli("train", "--run-dir", "run", "--resume", cwd=tmp_path)
+    result = cli("train", "--run-dir", "run", "--resume", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "world size" in result.stdout and "split across a different number of ranks" in result.stdout
     assert read_meta(final_ckpt(run))["world_size"] == 1

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 # started afterwards (tests, `doctor` replays) train on one thread. Pin torch's own default (one
 # thread per core, or the user's setting) first, so the thread count - recorded in checkpoints
 # because it can change the last bits of results - does not depend on import order.
+USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")  # None unless the user chose
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 __version__ = "0.1.0"

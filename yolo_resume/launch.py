@@ -7,9 +7,12 @@ or under torchrun for --nproc N), and lets `supervisor.supervise` run, watch and
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from . import USER_OMP_NUM_THREADS
 
 # Options the launcher consumes; workers never see them (so a worker never launches again).
 LAUNCHER_OPTIONS = ("--nproc", "--max-restarts", "--alert-cmd", "--alert-webhook")
@@ -93,6 +96,10 @@ def launch_supervised(
     from .supervisor import supervise
 
     run_dir = plan_run_dir(config, run_dir, resume, say)
+    if nproc > 1 and USER_OMP_NUM_THREADS is None:
+        # N processes of one thread per core each would oversubscribe the CPU (and torchrun keeps an
+        # inherited OMP_NUM_THREADS): share the cores out, as torchrun does when nothing is set.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     first, resume_cmd = attempt_commands(argv, run_dir, nproc)
     explicit = any(a in ("--resume", "--resume-from") or a.startswith("--resume-from=") for a in argv)
     if resume and not explicit:
