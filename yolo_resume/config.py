@@ -62,7 +62,11 @@ class TrainConfig:
     epochs: int = opt(100, "Number of epochs.")
     batch: int = opt(16, "Images per optimizer micro-batch.")
     nbs: int = opt(64, "Nominal batch size: gradients accumulate over round(nbs / batch) micro-batches.")
-    workers: int = opt(2, "DataLoader worker processes (0 = load in the main process).")
+    workers: int = opt(
+        -1,
+        "DataLoader worker processes (0 = load in the main process). -1 = auto: 0 on CPU, where the model, not "
+        "the data, is the bottleneck and a worker only costs memory; min(8, cores per process) on CUDA.",
+    )
     seed: int = opt(0, "Seed of everything random: init, data order, augmentation.")
     deterministic: bool = opt(True, "Use deterministic algorithms (required for bitwise-exact resume).")
     optimizer: str = opt("SGD", "Optimizer: `SGD` (nesterov) or `AdamW`.")
@@ -326,7 +330,6 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"config key `{key}` must be > 0, got {value}")
     non_negative = {
-        "train.workers": cfg.train.workers,
         "ckpt.every_epochs": cfg.ckpt.every_epochs,
         "ckpt.every_steps": cfg.ckpt.every_steps,
         "ckpt.every_minutes": cfg.ckpt.every_minutes,
@@ -340,6 +343,8 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key `{key}` must be >= 0, got {value}")
+    if cfg.train.workers < -1:
+        raise ConfigError(f"config key `train.workers` must be >= 0, or -1 for auto, got {cfg.train.workers}")
     if cfg.model.imgsz % 32:
         raise ConfigError(f"config key `model.imgsz` must be a multiple of 32, got {cfg.model.imgsz}")
     if cfg.data.format == "synthetic" and not 1 <= cfg.data.num_classes <= 6:

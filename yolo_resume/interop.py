@@ -195,7 +195,7 @@ def _train_args(cfg: Config, ckpt: Path) -> dict[str, Any]:
         "epochs": t.epochs,
         "batch": t.batch,
         "nbs": t.nbs,
-        "workers": t.workers,
+        "workers": max(t.workers, 0),  # -1 (auto) is ours, not ultralytics'
         "seed": t.seed,
         "deterministic": t.deterministic,
         "optimizer": t.optimizer,

@@ -85,6 +85,15 @@ def select_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device(name)
 
 
+def resolve_workers(workers: int, device: torch.device, world_size: int = 1) -> int:
+    """`train.workers`, with -1 (auto) resolved: none on CPU, a few per process on CUDA."""
+    if workers >= 0:
+        return workers
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // max(world_size, 1)))
+
+
 def check_world_size(cfg: Config, world_size: int) -> None:
     if cfg.train.batch % world_size:
         raise ConfigError(
@@ -134,7 +143,9 @@ class Trainer:
         self.tb = None  # tensorboard writer, when --tensorboard
         self.initial_weights: str | None = None  # --init-weights
         self._plotter: threading.Thread | None = None
-        self._last_plot = -PLOT_EVERY_S
+        # The first picture comes after a minute of training (and at the end), not after the first
+        # epoch: on short epochs a draw (~0.3 s of CPU) would cost more than the epoch's own logging.
+        self._last_plot = time.monotonic()
         self.train_loader = self._loader(self.train_ds, batch_sampler=self.sampler)
         self.val_loader = self._loader(self.val_ds, batch_size=cfg.train.batch * 2, shuffle=False)
         self.progress = TrainProgress(quiet=quiet or not self.dist.is_main)
@@ -149,7 +160,7 @@ class Trainer:
         self.git, self.versions = git_info(), versions()
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
-        workers = self.cfg.train.workers
+        workers = resolve_workers(self.cfg.train.workers, self.device, self.dist.world_size)
         return DataLoader(
             dataset,
             num_workers=workers,
