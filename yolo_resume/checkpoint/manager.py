@@ -39,6 +39,7 @@ from .format import (
     _loads_strict,
     _parse_json_file,
     _parse_manifest,
+    _pid_alive,
     _refuse,
     load_checkpoint,
     read_meta,
@@ -620,16 +621,6 @@ def _remove_dead_downloads(downloads: Path) -> None:
         pid = entry.name.split("-")[-2]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _object_key(info: dict) -> tuple:
