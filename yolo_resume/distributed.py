@@ -25,8 +25,8 @@ from .errors import UserError
 
 # sysexits EX_PROTOCOL: the job lost a rank. Not a usage error: a supervisor should restart it.
 EXIT_LOST_RANK = 76
-STARTUP_TIMEOUT_S = 600.0
-_SKELETON = "__skeleton__"  # the control group's timeout, before the run's config is known
+STARTUP_TIMEOUT_S = 600.0  # the default group's timeout, before the run's config is known
+_SKELETON = "__skeleton__"  # key of the JSON skeleton in a gathered safetensors blob
 
 
 class LostRankError(UserError):
@@ -41,7 +41,8 @@ class Distributed:
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.timeout_s = STARTUP_TIMEOUT_S
-        self.grad_group = None  # set by `configure`
+        self.grad_group = None  # gradients (DDP); set by `configure`
+        self.control = None  # control messages; None = the default group, until `configure`
 
     @classmethod
     def from_env(cls) -> Distributed:
@@ -79,19 +80,16 @@ class Distributed:
             dist.destroy_process_group()
 
     # -- collectives ------------------------------------------------------------------------------
-    def _control_group(self):
-        return getattr(self, "control", None)
-
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier(group=self._control_group())
+            dist.barrier(group=self.control)
 
     def sum_(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks (float64, so flags and losses travel in one message)."""
         if not self.enabled:
             return list(values)
         tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._control_group())
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.control)
         return tensor.tolist()
 
     def broadcast_json(self, obj=None):
@@ -102,7 +100,7 @@ class Distributed:
         return json.loads(self._broadcast_bytes(data))
 
     def _broadcast_bytes(self, data: bytes) -> bytes:
-        group = self._control_group()
+        group = self.control
         size = torch.tensor([len(data)], dtype=torch.int64)
         dist.broadcast(size, src=0, group=group)
         buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.is_main else None
@@ -121,7 +119,7 @@ class Distributed:
         tensors, skeleton = flatten_state(obj)
         tensors[_SKELETON] = torch.frombuffer(bytearray(json.dumps(skeleton).encode()), dtype=torch.uint8)
         data = safetensors.torch.save(tensors)
-        group = self._control_group()
+        group = self.control
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=group)
         longest = max(int(s) for s in sizes)
