@@ -252,15 +252,20 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def prepare_dataset(work: Path, env: dict[str, str], num_train: int, num_val: int, image_size: int) -> Path:
+def prepare_dataset(
+    work: Path, env: dict[str, str], num_train: int, num_val: int, image_size: int, num_classes: int | None = None
+) -> Path:
     """`yolo-resume data synth` (COCO format), converted to the YOLO layout; returns the dataset YAML."""
-    coco = work / f"synth-{num_train}-{num_val}-{image_size}"
-    yolo = work / f"yolo-{num_train}-{num_val}-{image_size}"
+    tag = f"{num_train}-{num_val}-{image_size}" + (f"-c{num_classes}" if num_classes else "")
+    coco = work / f"synth-{tag}"
+    yolo = work / f"yolo-{tag}"
     data_yaml = yolo / "data.yaml"
     if data_yaml.exists():
         return data_yaml
     cmd = [sys.executable, "-m", "yolo_resume", "data", "synth", str(coco), "--num-train", str(num_train)]
     cmd += ["--num-val", str(num_val), "--image-size", str(image_size), "--seed", "0"]
+    if num_classes:
+        cmd += ["--num-classes", str(num_classes)]
     subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True)
     names = None
     for split in ("train", "val"):

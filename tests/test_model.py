@@ -1,10 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
-from yolo_resume.config import TrainConfig
+from yolo_resume.config import TrainConfig, from_dict, from_stored
 from yolo_resume.errors import ConfigError
 from yolo_resume.model import build_model, compute_loss
-from yolo_resume.optim import LRSchedule, accumulate_steps, build_optimizer
+from yolo_resume.optim import LRSchedule, accumulate_steps, build_optimizer, resolve_optimizer
 
 
 def test_yolov5s_builds_from_yaml_with_dataset_classes():
@@ -45,7 +46,7 @@ def test_loss_on_ultralytics_batch_format():
 
 def test_optimizer_groups_exclude_norms_and_biases_from_decay():
     model = build_model("yolov5n.yaml", 2, ["a", "b"], TrainConfig())
-    cfg = TrainConfig(batch=16, nbs=64)
+    cfg = TrainConfig(batch=16, nbs=64, optimizer="SGD")
     opt = build_optimizer(model, cfg)
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["bias"]["weight_decay"] == 0 and groups["no_decay"]["weight_decay"] == 0
@@ -61,12 +62,71 @@ def test_lr_schedule_is_a_pure_function_of_step():
     assert s.warmup_steps == 20
     assert s.lr_at(0) == 0.0 and s.lr_at(0, "bias") == pytest.approx(0.1)
     assert s.lr_at(20) == pytest.approx(0.01 * s.factor(20))
-    assert s.lr_at(100) == pytest.approx(0.001)
+    assert s.lr_at(99) == pytest.approx(0.01 * (0.1 + 0.9 * 0.1))  # the last epoch: lf(9)
     assert s.momentum_at(0) == pytest.approx(0.8) and s.momentum_at(50) == pytest.approx(0.937)
     lrs = [s.lr_at(i) for i in range(20, 101)]
     assert lrs == sorted(lrs, reverse=True)  # decays monotonically after warmup
     cos = LRSchedule(lr0=0.01, lrf=0.1, epochs=10, batches_per_epoch=10, warmup_epochs=0, schedule="cosine")
     assert cos.lr_at(0) == pytest.approx(0.01) and cos.lr_at(100) == pytest.approx(0.001)
+    smooth = LRSchedule(lr0=0.01, lrf=0.1, epochs=10, batches_per_epoch=10, warmup_epochs=0, per_epoch=False)
+    assert smooth.lr_at(100) == pytest.approx(0.001) and smooth.lr_at(5) < smooth.lr_at(4)
     # Re-planning: a longer run decays more slowly from the same step.
     longer = LRSchedule(lr0=0.01, lrf=0.1, epochs=20, batches_per_epoch=10, warmup_epochs=2)
     assert longer.lr_at(50) > s.lr_at(50)
+
+
+def _ultralytics_lr(ni: int, nb: int, nw: int, epochs: int, lr0: float, lrf: float, start: float) -> float:
+    """What ultralytics' BaseTrainer sets for batch `ni` (its linear `lf`, LambdaLR stepped per epoch, warmup by
+    np.interp up to and including ni == nw), written out from engine/trainer.py."""
+    epoch = ni // nb
+    target = lr0 * (max(1 - epoch / epochs, 0) * (1.0 - lrf) + lrf)
+    return float(np.interp(ni, [0, nw], [start, target])) if nw and ni <= nw else target
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_schedule_matches_ultralytics_trainer(optimizer):
+    cfg = TrainConfig(optimizer=optimizer, lr0=0.002, lrf=0.05, epochs=12, warmup_epochs=1.0, momentum=0.9)
+    nb = 19
+    s = LRSchedule.from_config(cfg, nb)
+    for ni in range(12 * nb):
+        for group, start in (("decay", 0.0), ("bias", 0.1)):
+            assert s.lr_at(ni, group) == pytest.approx(_ultralytics_lr(ni, nb, nb, 12, 0.002, 0.05, start), abs=1e-12)
+    # ultralytics ramps SGD's momentum in warmup but leaves Adam's beta1 alone (its groups have no "momentum")
+    assert s.momentum_at(0) == pytest.approx(0.8 if optimizer == "SGD" else 0.9)
+
+
+def test_adam_beta1_warmup_is_opt_in():
+    model = build_model("yolov5n.yaml", 2, ["a", "b"], TrainConfig())
+    cfg = TrainConfig(optimizer="AdamW", momentum=0.9, warmup_momentum=0.8, warmup_beta1=True)
+    opt = build_optimizer(model, cfg)
+    LRSchedule.from_config(cfg, 10).apply(opt, 0)
+    assert all(g["betas"][0] == pytest.approx(0.8) for g in opt.param_groups)
+    plain = TrainConfig(optimizer="AdamW", momentum=0.9, warmup_momentum=0.8)
+    LRSchedule.from_config(plain, 10).apply(opt, 0)
+    assert all(g["betas"][0] == pytest.approx(0.9) for g in opt.param_groups)
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["bias"] == pytest.approx(0.1)
+
+
+def test_config_stored_by_an_older_version_keeps_its_schedule():
+    """A checkpoint written before `lr_decay_every` existed resumes with the recipe it was trained with."""
+    stored = from_dict({"train": {"optimizer": "AdamW", "lr0": 0.002}}).to_dict()
+    for key in ("lr_decay_every", "warmup_beta1"):
+        del stored["train"][key]
+    old = from_stored(stored, "test").train
+    assert (old.lr_decay_every, old.warmup_beta1, old.warmup_bias_lr) == ("batch", True, 0.0)
+    s = LRSchedule.from_config(old, 10)
+    assert s.lr_at(0, "bias") == 0.0 and s.momentum_at(0) == pytest.approx(old.warmup_momentum)
+    assert s.lr_at(15) != s.lr_at(16)  # smooth per-batch decay, as before
+    sgd = dict(stored, train=dict(stored["train"], optimizer="SGD"))
+    assert from_stored(sgd, "test").train.warmup_bias_lr == pytest.approx(0.1)  # SGD always warmed biases
+    current = from_dict({"train": {"optimizer": "AdamW"}}).to_dict()
+    assert from_stored(current, "test").train == from_dict(current).train  # a complete config is read as is
+
+
+def test_optimizer_auto_chooses_as_ultralytics():
+    short = resolve_optimizer(TrainConfig(optimizer="auto", epochs=12, batch=16, nbs=16), 6, 300)
+    assert (short.optimizer, short.lr0, short.momentum, short.warmup_bias_lr) == ("AdamW", 0.001, 0.9, 0.0)
+    long = resolve_optimizer(TrainConfig(optimizer="auto", epochs=300, nbs=64), 80, 118287)
+    assert (long.optimizer, long.lr0, long.momentum) == ("SGD", 0.01, 0.9)
+    explicit = TrainConfig(optimizer="SGD")
+    assert resolve_optimizer(explicit, 3, 100) is explicit

@@ -69,15 +69,26 @@ class TrainConfig:
     )
     seed: int = opt(0, "Seed of everything random: init, data order, augmentation.")
     deterministic: bool = opt(True, "Use deterministic algorithms (required for bitwise-exact resume).")
-    optimizer: str = opt("SGD", "Optimizer: `SGD` (nesterov) or `AdamW`.")
+    optimizer: str = opt(
+        "auto",
+        "Optimizer: `SGD` (nesterov), `AdamW`, or `auto` (as ultralytics: AdamW with lr0 = 0.002 * 5 / (4 + classes), "
+        "momentum 0.9 and no bias warmup for runs of up to 10000 optimizer steps, else SGD with lr0 0.01, momentum "
+        "0.9; lr0, momentum and warmup_bias_lr are then ignored).",
+    )
     lr0: float = opt(0.01, "Initial learning rate.")
     lrf: float = opt(0.01, "Final learning rate as a fraction of lr0.")
     schedule: str = opt("linear", "LR decay after warmup: `linear` or `cosine`.")
+    lr_decay_every: str = opt(
+        "epoch",
+        "`epoch`: the LR decays once per epoch, lr0 * lf(epoch) (ultralytics' LambdaLR stepped per epoch); "
+        "`batch`: it decays smoothly every batch, to lr0 * lrf at the last one.",
+    )
     momentum: float = opt(0.937, "SGD momentum / Adam beta1.")
     weight_decay: float = opt(0.0005, "Weight decay (not applied to norms and biases); scaled by batch/nbs.")
     warmup_epochs: float = opt(3.0, "Warmup length in epochs (at least 100 optimizer steps when > 0).")
-    warmup_momentum: float = opt(0.8, "Momentum at the start of warmup.")
-    warmup_bias_lr: float = opt(0.1, "Bias learning rate at the start of warmup (SGD only).")
+    warmup_momentum: float = opt(0.8, "SGD momentum at the start of warmup (Adam's beta1 only with warmup_beta1).")
+    warmup_beta1: bool = opt(False, "Adam only: also ramp beta1 from warmup_momentum to momentum during warmup.")
+    warmup_bias_lr: float = opt(0.1, "Bias learning rate at the start of warmup (falls to the regular LR).")
     box: float = opt(7.5, "Box loss gain.")
     cls: float = opt(0.5, "Classification loss gain.")
     dfl: float = opt(1.5, "Distribution focal loss gain.")
@@ -270,6 +281,26 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     return cfg
 
 
+# What a config stored by an older yolo-resume meant when it lacks a key (checkpoint configs are complete,
+# so a missing key means "saved before this key existed"): the recipe the run was trained with.
+def _legacy_recipe(train: dict[str, Any]) -> dict[str, Any]:
+    """Before 0.3 (no `lr_decay_every`): per-batch decay, Adam beta1 warmup, no bias warmup for Adam."""
+    if "lr_decay_every" in train:
+        return {}
+    legacy = {"lr_decay_every": "batch", "warmup_beta1": True}
+    if train.get("optimizer", "SGD") != "SGD":
+        legacy["warmup_bias_lr"] = 0.0
+    return legacy
+
+
+def from_stored(raw: dict[str, Any], source: str) -> Config:
+    """The config saved in a checkpoint, with the meaning it had when it was saved (see `_legacy_recipe`),
+    so that a run started by an older version resumes with the schedule it was trained with."""
+    if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
+        raw = dict(raw, train=raw["train"] | _legacy_recipe(raw["train"]))
+    return from_dict(raw, source)
+
+
 def set_key(cfg: Config, dotted: str, value: Any) -> None:
     """Set `section.key` to `value`, checking the key exists and the type matches."""
     parts = str(dotted).split(".")
@@ -301,8 +332,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 CHOICES = {
     "data.format": ("coco", "yolo", "synthetic"),
-    "train.optimizer": ("SGD", "AdamW"),
+    "train.optimizer": ("auto", "SGD", "AdamW"),
     "train.schedule": ("linear", "cosine"),
+    "train.lr_decay_every": ("epoch", "batch"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 

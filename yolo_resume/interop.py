@@ -34,7 +34,7 @@ import safetensors.torch
 import torch
 
 from .checkpoint.format import PICKLE_SUFFIXES, is_checkpoint_dir, load_checkpoint
-from .config import Config, from_dict
+from .config import Config, from_stored
 from .errors import CheckpointError, UserError
 
 __all__ = ["EXPORT_FORMATS", "SAFETENSORS_META_KEYS", "export_checkpoint", "load_init_weights"]
@@ -110,7 +110,7 @@ def _checkpoint_config(ckpt: Path, meta: dict) -> Config:
     raw = meta.get("config")
     if not isinstance(raw, dict):
         raise CheckpointError(f"checkpoint {ckpt}: meta.json has no config; it was not written by yolo-resume")
-    return from_dict(raw, source=f"the config stored in checkpoint {ckpt}")
+    return from_stored(raw, source=f"the config stored in checkpoint {ckpt}")
 
 
 def _checkpoint_names(ckpt: Path, meta: dict) -> list[str]:

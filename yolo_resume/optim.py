@@ -8,7 +8,7 @@ schedule from the current step simply by building a new `LRSchedule`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -21,8 +21,27 @@ def accumulate_steps(cfg: TrainConfig) -> int:
     return max(round(cfg.nbs / cfg.batch), 1)
 
 
+# optimizer: auto, as ultralytics decides it (BaseTrainer.build_optimizer): AdamW for short runs.
+AUTO_MAX_ADAMW_STEPS = 10000
+
+
+def resolve_optimizer(cfg: TrainConfig, num_classes: int, num_images: int) -> TrainConfig:
+    """`cfg` with `optimizer: auto` replaced by what it means for this run (a pure function of the config and
+    the dataset size, so a resume resolves it the same way). Ultralytics >= 8.4 picks its MuSGD for long runs;
+    we pick SGD there, as ultralytics 8.0-8.3 did."""
+    if cfg.optimizer != "auto":
+        return cfg
+    iterations = math.ceil(num_images / max(cfg.batch, cfg.nbs)) * cfg.epochs
+    if iterations > AUTO_MAX_ADAMW_STEPS:
+        return replace(cfg, optimizer="SGD", lr0=0.01, momentum=0.9)
+    lr_fit = round(0.002 * 5 / (4 + num_classes), 6)
+    return replace(cfg, optimizer="AdamW", lr0=lr_fit, momentum=0.9, warmup_bias_lr=0.0)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Three groups: weights with decay, norm weights without, biases without (as in YOLOv5/v8)."""
+    if cfg.optimizer not in ("SGD", "AdamW"):
+        raise ValueError(f"resolve optimizer `{cfg.optimizer}` first (resolve_optimizer)")
     decay, no_decay, bias = [], [], []
     norm_types = tuple(v for k, v in nn.__dict__.items() if "Norm" in k and isinstance(v, type))
     for module in model.modules():
@@ -47,7 +66,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """Warmup then linear or cosine decay, evaluated per batch from the global step."""
+    """Warmup then linear or cosine decay, evaluated from the global step (the batch index of the run).
+
+    The defaults follow ultralytics' trainer: the decay factor lf(epoch) changes once per epoch (its
+    LambdaLR is stepped per epoch); during warmup every LR rises linearly from 0 (biases fall from
+    warmup_bias_lr) to lr0 * lf(epoch), and SGD's momentum rises from warmup_momentum; Adam's beta1 is
+    left alone unless `warmup_beta1`."""
 
     lr0: float
     lrf: float
@@ -58,6 +82,8 @@ class LRSchedule:
     momentum: float = 0.937
     warmup_momentum: float = 0.8
     warmup_bias_lr: float = 0.0
+    per_epoch: bool = True  # lf steps once per epoch (False: smoothly every batch)
+    warm_momentum: bool = True  # ramp the momentum (SGD) / beta1 (Adam, when asked) during warmup
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, batches_per_epoch: int) -> LRSchedule:
@@ -70,8 +96,9 @@ class LRSchedule:
             schedule=cfg.schedule,
             momentum=cfg.momentum,
             warmup_momentum=cfg.warmup_momentum,
-            # A large starting bias LR suits SGD only; Adam variants warm biases up from zero.
-            warmup_bias_lr=cfg.warmup_bias_lr if cfg.optimizer == "SGD" else 0.0,
+            warmup_bias_lr=cfg.warmup_bias_lr,
+            per_epoch=cfg.lr_decay_every == "epoch",
+            warm_momentum=cfg.optimizer == "SGD" or cfg.warmup_beta1,
         )
 
     @property
@@ -81,8 +108,9 @@ class LRSchedule:
         return round(epochs * self.batches_per_epoch)
 
     def factor(self, step: int) -> float:
-        """Decay factor at `step` (batches since the start), from 1 down to lrf at the last batch."""
-        progress = min(step / max(self.epochs * self.batches_per_epoch, 1), 1.0)
+        """Decay factor at `step` (batches since the start): lf(epoch), or lf of the fractional epoch."""
+        done = step // self.batches_per_epoch if self.per_epoch else step / max(self.batches_per_epoch, 1)
+        progress = min(done / max(self.epochs, 1), 1.0)
         if self.schedule == "cosine":
             return self.lrf + (1 - self.lrf) * (1 + math.cos(math.pi * progress)) / 2
         return (1 - progress) * (1 - self.lrf) + self.lrf
@@ -97,7 +125,7 @@ class LRSchedule:
 
     def momentum_at(self, step: int) -> float:
         nw = self.warmup_steps
-        if nw and step < nw:
+        if self.warm_momentum and nw and step < nw:
             return self.warmup_momentum + (self.momentum - self.warmup_momentum) * step / nw
         return self.momentum
 

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .checkpoint.manager import CheckpointInfo, inspect
-from .config import Config, apply_overrides, from_dict, load_config, set_key
+from .config import Config, apply_overrides, from_dict, from_stored, load_config, set_key
 from .distributed import Distributed, is_collective_failure
 from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import UserError
@@ -96,7 +96,7 @@ def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, 
     run_dir, cfg, info = _choose_run(config, run_dir, resume, resume_from, say, warn)
     stored = info.meta["config"] if info is not None else None
     if stored is not None:
-        from_dict(stored, source=f"checkpoint {info.path}")  # a stored config that no longer loads: say so now
+        from_stored(stored, source=f"checkpoint {info.path}")  # a stored config that no longer loads: say so now
     _apply_cli_settings(cfg, overrides, epochs, device)
     check_world_size(cfg, world_size)
     complete = info is not None and _is_complete(info, cfg)
@@ -108,7 +108,7 @@ def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, 
     return {
         "run_dir": str(run_dir),
         "config": cfg.to_dict(),
-        "stored": stored,
+        "stored": from_stored(stored, source=f"checkpoint {info.path}").to_dict() if stored is not None else None,
         "checkpoint": str(info.path) if info is not None else None,
         "complete": complete,
     }
@@ -166,7 +166,7 @@ def _choose_run(config, run_dir, resume, resume_from, say, warn) -> tuple[Path, 
         stem = Path(config).stem if config else "demo"
         return _fresh_run_dir(run_dir, stem, say), load_config(config), None
     run_dir, info = find_resume_point(run_dir, resume_from, warn)
-    cfg = load_config(config) if config else from_dict(info.meta["config"], source=f"checkpoint {info.path}")
+    cfg = load_config(config) if config else from_stored(info.meta["config"], source=f"checkpoint {info.path}")
     say(
         f"resuming run [bold]{run_dir}[/bold] from {info.name} (epoch {info.get('epoch')}, "
         f"step {info.get('step_in_epoch')} of the epoch, global step {info.get('global_step')})"
@@ -195,6 +195,9 @@ def _start_fresh(trainer: Trainer, init_weights: Path | None, trust_pickle: bool
         f"training {trainer.cfg.model.cfg} on {trainer.cfg.data.format} data ({len(trainer.train_ds)} train / "
         f"{len(trainer.val_ds)} val images) on {trainer.device}; run folder [bold]{trainer.run_dir}[/bold]"
     )
+    if trainer.cfg.train.optimizer == "auto":
+        t = trainer.train_cfg
+        say(f"optimizer auto: {t.optimizer} (lr0 {t.lr0:g}, momentum {t.momentum:g}), chosen as ultralytics does")
 
 
 def _fit_with_segment_log(trainer: Trainer, info: CheckpointInfo | None) -> int:

@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .interop import load_init_weights
 from .lineage import interruption_entry
 from .model import LOSS_NAMES, build_model, compute_loss
-from .optim import LRSchedule, accumulate_steps, build_optimizer
+from .optim import LRSchedule, accumulate_steps, build_optimizer, resolve_optimizer
 from .plots import plot_results
 from .progress import TrainProgress
 from .provenance import git_info, host, versions
@@ -120,7 +120,9 @@ class Trainer:
         self.net: torch.nn.Module = self.model  # what the forward pass goes through (DDP under torchrun)
         # Only rank 0 validates and saves, so only rank 0 keeps the EMA.
         self.ema = ModelEMA(self.model) if cfg.train.ema and self.dist.is_main else None
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        # `optimizer: auto` resolved from the config and dataset size alone, so a resume resolves it the same way.
+        self.train_cfg = resolve_optimizer(cfg.train, len(self.train_ds.names), len(self.train_ds))
+        self.optimizer = build_optimizer(self.model, self.train_cfg)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         # train.batch is global: each of the world_size ranks takes its share of every global batch.
@@ -131,7 +133,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        self.schedule = LRSchedule.from_config(cfg.train, self.sampler.batches_per_epoch())
+        self.schedule = LRSchedule.from_config(self.train_cfg, self.sampler.batches_per_epoch())
         self.accumulate = accumulate_steps(cfg.train)
         self.state = TrainState()
         self.ckpt = CheckpointManager.for_run(cfg.ckpt, self.run_dir)
