@@ -93,6 +93,9 @@ class TrainConfig:
     cls: float = opt(0.5, "Classification loss gain.")
     dfl: float = opt(1.5, "Distribution focal loss gain.")
     ema: bool = opt(True, "Keep an exponential moving average of the weights (validated and exported).")
+    ema_tau: float = opt(
+        2000.0, "EMA warm-up in optimizer steps: decay = 0.9999 * (1 - exp(-updates / tau)) (ultralytics' ModelEMA)."
+    )
     amp: bool = opt(True, "Mixed precision on CUDA (ignored on CPU).")
     device: str = opt("auto", "`auto`, `cpu`, `cuda` or `cuda:N`.")
     max_grad_norm: float = opt(10.0, "Gradient clipping norm (0 disables).")
@@ -372,6 +375,8 @@ def validate(cfg: Config) -> None:
         "train.warmup_epochs": cfg.train.warmup_epochs,
         "train.nan_retries": cfg.train.nan_retries,
     }
+    if not cfg.train.ema_tau > 0:  # also refuses NaN
+        raise ConfigError(f"config key `train.ema_tau` must be > 0, got {cfg.train.ema_tau}")
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key `{key}` must be >= 0, got {value}")

@@ -28,6 +28,8 @@ KEY_CLASSES: list[tuple[str, str]] = [
     ("train.lr0", SCHEDULE),
     ("train.lrf", SCHEDULE),
     ("train.schedule", SCHEDULE),
+    ("train.lr_decay_every", SCHEDULE),
+    ("train.ema_tau", SCHEDULE),
     ("train.momentum", SCHEDULE),
     ("train.weight_decay", SCHEDULE),
     ("train.warmup_*", SCHEDULE),

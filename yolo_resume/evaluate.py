@@ -1,4 +1,13 @@
-"""COCO mAP of a detector: ultralytics NMS, then pycocotools COCOeval in original image coordinates."""
+"""mAP of a detector, two ways from one forward pass over the val split.
+
+- `map`, `map50` (the figures `best` is chosen by): COCO's own definition. Ultralytics NMS (one label per
+  box), then pycocotools COCOeval in original image coordinates, which keeps the 100 highest-scoring
+  detections per image and samples the precision envelope at 101 recall points.
+- `ultralytics_map`, `ultralytics_map50`: the figure `yolo val` / `yolo train` print. Multi-label NMS (a box
+  may count for several classes), up to `eval.max_det` (300) detections per image, ultralytics' greedy
+  matching (`BaseValidator.match_predictions`) and `ap_per_class` (101-point interpolation of the envelope
+  by the trapezoid rule). On weak models with many low-confidence boxes it runs a few points higher.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,8 @@ import io
 import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
+from ultralytics.engine.validator import BaseValidator
+from ultralytics.utils.metrics import ap_per_class, box_iou
 from ultralytics.utils.nms import non_max_suppression
 
 from .config import EvalConfig
@@ -29,15 +40,57 @@ def to_original_xywh(boxes: np.ndarray, ratio_pad, ori_shape) -> np.ndarray:
     return out
 
 
+IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
+
+
+class UltralyticsStyleAP:
+    """Ultralytics' validation metric over letterboxed boxes, built from its own matching and AP functions."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list[np.ndarray]] = {"tp": [], "conf": [], "pred_cls": [], "target_cls": []}
+        self._matcher = type("Matcher", (), {"iouv": IOU_THRESHOLDS})()  # what match_predictions reads
+
+    def update(self, dets: list[torch.Tensor], batch: dict) -> None:
+        imgsz = batch["img"].shape[-1]
+        for i, det in enumerate(dets):
+            det = det.float().cpu()
+            mine = batch["batch_idx"] == i
+            true_cls = batch["cls"][mine].view(-1)
+            xywh = batch["bboxes"][mine] * imgsz
+            true_xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+            if len(det) and len(true_cls):
+                iou = box_iou(true_xyxy, det[:, :4])
+                tp = BaseValidator.match_predictions(self._matcher, det[:, 5], true_cls, iou).numpy()
+            else:
+                tp = np.zeros((len(det), len(IOU_THRESHOLDS)), bool)
+            self.stats["tp"].append(tp)
+            self.stats["conf"].append(det[:, 4].numpy())
+            self.stats["pred_cls"].append(det[:, 5].numpy())
+            self.stats["target_cls"].append(true_cls.numpy())
+
+    def result(self) -> dict[str, float]:
+        stats = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.stats.items()}
+        if not len(stats["tp"]) or not len(stats["target_cls"]):
+            return {"ultralytics_map": 0.0, "ultralytics_map50": 0.0}
+        ap = ap_per_class(stats["tp"], stats["conf"], stats["pred_cls"], stats["target_cls"])[5]
+        return {"ultralytics_map": float(ap.mean()), "ultralytics_map50": float(ap[:, 0].mean())}
+
+
 @torch.no_grad()
-def predict_coco(model: torch.nn.Module, loader, class_to_category: list[int], device, cfg: EvalConfig) -> list:
-    """Detections for every image of `loader`, as COCO result dicts."""
+def predict_coco(
+    model: torch.nn.Module, loader, class_to_category: list[int], device, cfg: EvalConfig, ul: UltralyticsStyleAP
+) -> list:
+    """Detections for every image of `loader`, as COCO result dicts; `ul` gets the multi-label ones."""
     was_training = model.training
     model.eval()
     results = []
     for batch in loader:
         img = batch["img"].to(device, non_blocking=True).float() / 255
         preds = model(img)
+        preds = preds[0] if isinstance(preds, (list, tuple)) else preds
+        # clone: non_max_suppression converts the boxes of the tensor it is given in place
+        multi = non_max_suppression(preds.clone(), cfg.conf, cfg.iou, multi_label=True, max_det=cfg.max_det)
+        ul.update(multi, batch)
         dets = non_max_suppression(preds, cfg.conf, cfg.iou, max_det=cfg.max_det)
         for det, image_id, ratio_pad, ori_shape in zip(
             dets, batch["image_id"], batch["ratio_pad"], batch["ori_shape"], strict=True
@@ -75,8 +128,9 @@ def coco_map(coco_gt, results: list, image_ids: list[int]) -> dict[str, float]:
 
 
 def evaluate(model: torch.nn.Module, loader, dataset, device, cfg: EvalConfig) -> dict[str, float]:
-    results = predict_coco(model, loader, dataset.class_to_category, device, cfg)
+    ul = UltralyticsStyleAP()
+    results = predict_coco(model, loader, dataset.class_to_category, device, cfg, ul)
     image_ids = [int(r.image_id) for r in dataset.records]
     metrics = coco_map(dataset.coco_gt(), results, image_ids)
     metrics["fitness"] = fitness(metrics)
-    return metrics
+    return metrics | ul.result()

@@ -63,6 +63,8 @@ class TrainProgress:
         parts += [f"{name} {row[name]:.4f}" for name in LOSS_NAMES]
         if "map50" in row:
             parts += [f"mAP@.5 {row['map50']:.4f}", f"mAP@.5:.95 {row['map']:.4f}"]
+            if "ultralytics_map" in row:
+                parts.append(f"(ultralytics-style {row['ultralytics_map']:.4f})")
         elapsed = time.monotonic() - self._t0
         parts.append(f"{elapsed:.1f}s")
         self.progress.console.print("  ".join(parts))

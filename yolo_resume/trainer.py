@@ -119,7 +119,7 @@ class Trainer:
         self.model.to(self.device)
         self.net: torch.nn.Module = self.model  # what the forward pass goes through (DDP under torchrun)
         # Only rank 0 validates and saves, so only rank 0 keeps the EMA.
-        self.ema = ModelEMA(self.model) if cfg.train.ema and self.dist.is_main else None
+        self.ema = ModelEMA(self.model, tau=cfg.train.ema_tau) if cfg.train.ema and self.dist.is_main else None
         # `optimizer: auto` resolved from the config and dataset size alone, so a resume resolves it the same way.
         self.train_cfg = resolve_optimizer(cfg.train, len(self.train_ds.names), len(self.train_ds))
         self.optimizer = build_optimizer(self.model, self.train_cfg)
@@ -392,7 +392,7 @@ class Trainer:
         """Start from existing weights (a fresh run only); the EMA restarts from them too."""
         transferred, total = load_init_weights(self.model, Path(path), trust_pickle)
         if self.ema:
-            self.ema = ModelEMA(self.model)
+            self.ema = ModelEMA(self.model, tau=self.cfg.train.ema_tau)
         self.initial_weights = str(path)
         return transferred, total
 
