@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export YOLO_OFFLINE := 1
 export YOLO_CONFIG_DIR := $(CURDIR)/.ultralytics
 
-.PHONY: install demo test test-fast test-slow lint bench clean
+.PHONY: install demo test test-fast test-slow lint bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ test-slow: $(STAMP)
 # latency vs the ultralytics trainer, plus the checkpoint micro-benchmark; see BENCHMARKS.md.
 bench: $(STAMP)
 	$(PY) scripts/bench_all.py
+
+# The cp312 manylinux wheels the GPU machine lacks (ultralytics and the deps it does not have, pycocotools),
+# at the versions this venv tests with, into gpu-wheels/ (ignored; at most 64 MiB with the tree) for
+# scripts/gpu_check.py, which installs them there without touching its torch. Needs network (PyPI).
+gpu-wheels: $(STAMP)
+	$(PY) scripts/gpu_check.py --download-wheels gpu-wheels
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check yolo_resume tests scripts
