@@ -50,6 +50,19 @@ SETUPS = {  # quick: about 25 minutes for 4 seeds of both tools on 2 cores
     "short": {"imgsz": 160, "num_train": 200, "num_val": 100, "epochs": 10, "close_mosaic": 3, "batch": 16},
     "long": {"imgsz": 128, "num_train": 200, "num_val": 100, "epochs": 25, "close_mosaic": 5, "batch": 16},
 }
+# Defaults a user gets: our packaged demo config vs `yolo train` with its own defaults, on the demo's images
+# (400 train / 100 val, 3 classes, 128 px), yolov5s, 12 epochs, batch 16 (only --setups demo runs it).
+DEMO_SETUP = {
+    "imgsz": 128,
+    "num_train": 400,
+    "num_val": 100,
+    "epochs": 12,
+    "close_mosaic": 0,
+    "batch": 16,
+    "classes": 3,
+    "model": "yolov5s.yaml",
+    "defaults": True,
+}
 FULL_SETUPS = {  # the two setups, and a longer schedule
     "short": {"imgsz": 160, "num_train": 300, "num_val": 100, "epochs": 12, "close_mosaic": 3, "batch": 16},
     "wide": {"imgsz": 256, "num_train": 400, "num_val": 100, "epochs": 15, "close_mosaic": 0, "batch": 16},
@@ -65,13 +78,13 @@ def _child_ultra(spec: dict) -> None:
     from ultralytics import YOLO
 
     p, run_dir = spec["setup"], Path(spec["run_dir"])
-    YOLO(MODEL).train(
+    # "defaults": ultralytics as `yolo train` comes (optimizer auto, nbs 64, close_mosaic 10, ...).
+    aligned = {} if p.get("defaults") else {"nbs": p["batch"], "close_mosaic": p["close_mosaic"], **OPTIM, **AUGMENT}
+    YOLO(p.get("model", MODEL)).train(
         data=spec["data"],
         epochs=p["epochs"],
         imgsz=p["imgsz"],
         batch=p["batch"],
-        nbs=p["batch"],
-        close_mosaic=p["close_mosaic"],
         workers=0,
         device="cpu",
         seed=spec["seed"],
@@ -85,8 +98,7 @@ def _child_ultra(spec: dict) -> None:
         name=run_dir.name,
         exist_ok=True,
         verbose=False,
-        **OPTIM,
-        **AUGMENT,
+        **aligned,
     )
     Path(spec["out"]).write_text(json.dumps({"weights": str(run_dir / "weights" / "last.pt")}))
 
@@ -121,12 +133,17 @@ def _child_score(spec: dict) -> None:
 def our_config(path: Path, data_yaml: Path, p: dict, seed: int, sets: list[str]) -> Path:
     cfg = {
         "data": {"format": "yolo", "root": str(data_yaml)},
-        "model": {"cfg": MODEL, "imgsz": p["imgsz"]},
+        "model": {"cfg": p.get("model", MODEL), "imgsz": p["imgsz"]},
         "train": {"epochs": p["epochs"], "batch": p["batch"], "nbs": p["batch"], "seed": seed, "device": "cpu"} | OPTIM,
         "augment": AUGMENT | {"close_mosaic": p["close_mosaic"]},
         "eval": {"every_epochs": 0},
         "ckpt": {"every_epochs": p["epochs"], "keep_last": 1},
     }
+    if p.get("defaults"):  # the packaged demo config as it comes, on the same images
+        demo = yaml.safe_load((REPO / "yolo_resume" / "configs" / "demo.yaml").read_text())
+        cfg["train"] = demo["train"] | {"seed": seed, "device": "cpu", "workers": 0}
+        cfg["augment"] = demo["augment"]
+        cfg["model"]["cfg"] = demo["model"]["cfg"]
     for item in sets:
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
@@ -266,14 +283,16 @@ def main() -> None:
     if args.child_score:
         return _child_score(json.loads(args.child_score))
 
-    setups = FULL_SETUPS if args.full else SETUPS
+    setups = (FULL_SETUPS if args.full else SETUPS) | {"demo": DEMO_SETUP}
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     work.mkdir(parents=True, exist_ok=True)
     env = child_env(work) | {"OMP_NUM_THREADS": "1"}
     jobs = []
     for name in args.setups.split(","):
         p = setups[name]
-        data = prepare_dataset(work, env, p["num_train"], p["num_val"], p["imgsz"], num_classes=NUM_CLASSES)
+        data = prepare_dataset(
+            work, env, p["num_train"], p["num_val"], p["imgsz"], num_classes=p.get("classes", NUM_CLASSES)
+        )
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             for tool in args.tools.split(","):  # interleaved: each seed's runs of both tools run side by side
                 label = args.label if tool == "ours" else "default"
