@@ -118,14 +118,14 @@ SMOKE = {
     "name": "cpu-smoke",
     "device": "cpu",
     "threads": 1,
-    "data": {"size": 64, "height": 48, "num_train": 16, "num_val": 4, "replicas": 2},
+    "data": {"size": 64, "height": 48, "num_train": 8, "num_val": 4, "replicas": 2},
     "resume": {
         "model": "yolov5n.yaml",
         "imgsz": 64,
-        "batch": 4,
-        "nbs": 8,
+        "batch": 2,
+        "nbs": 4,
         "epochs": 3,
-        "images": 16,
+        "images": 8,
         "every_steps": 2,
         "lanes": 4,
     },
@@ -177,6 +177,24 @@ LOG_FILE: Path | None = None
 
 def spare_cores() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
+
+
+def shm_free() -> int | None:
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+
+
+def loader_workers(batch: int, imgsz: int, processes: int = 1) -> int:
+    """Data-loader workers per training process: the spare cores shared by `processes`, fewer when /dev/shm
+    could not hold every worker's two prefetched uint8 batches (a full /dev/shm kills the workers)."""
+    workers = max(1, spare_cores() // processes)
+    free = shm_free()
+    if free is not None:
+        per_worker = 2 * batch * 3 * imgsz**2 * 1.25 * processes
+        workers = max(1, min(workers, int(free // per_worker)))
+    return workers
 
 
 def median(values) -> float | None:
@@ -669,7 +687,7 @@ class Check:
 
     def __init__(self, mode: dict, work: Path, out: Path, wheels: Path, seed: int):
         self.mode, self.work, self.out, self.wheels, self.seed = mode, work, out, wheels, seed
-        self.smoke = mode["name"] == "cpu-smoke"
+        self.smoke, self.t0 = mode["name"] == "cpu-smoke", time.monotonic()
         self.env = bt.child_env(work)
         self.env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
         if mode["threads"]:
@@ -713,7 +731,7 @@ def run_stage(check: Check, name: str, title: str, fn) -> None:
     record = {"name": name, "title": title, "status": status, "seconds": round(time.monotonic() - start, 1)}
     record |= {"budget_s": stage.budget_s, "result": stage.result, "error": error}
     check.report["stages"].append(record)
-    check.report["elapsed_s"] = round(sum(s["seconds"] for s in check.report["stages"]), 1)
+    check.report["elapsed_s"] = round(time.monotonic() - check.t0, 1)
     check.write_report()
     log(f"stage {name}: {status} in {record['seconds']} s" + (f": {error.splitlines()[0]}" if error else ""))
 
@@ -744,7 +762,7 @@ def child_run(check: Check, stage: Stage, kind: str, tag: str, spec: dict) -> tu
 # -- stage 0: install -------------------------------------------------------------------------------------
 def stage_install(check: Check, stage: Stage) -> None:
     wheels = sorted(check.wheels.glob("*.whl")) if check.wheels.is_dir() else []
-    names = sorted({wheel_dist(w)[0] for w in wheels} | {canonical(d) for d in WHEEL_DISTS})
+    names = sorted({wheel_dist(w)[0] for w in wheels} | {canonical(d) for d in WHEEL_DISTS} | {"torch"})
     before = probe(check.env, "versions", names, stage.left())
     todo, refused = wheels_to_install(wheels, before["versions"])
     r = stage.result
@@ -782,6 +800,7 @@ def stage_environment(check: Check, stage: Stage) -> None:
     info, _, _, _ = child_run(check, stage, "env", "env", {"device": check.mode["device"]})
     stage.result |= info
     stage.result["cpus"] = os.cpu_count()
+    stage.result["dev_shm_free_gib"] = round(shm_free() / 2**30, 1) if shm_free() is not None else None
     stage.result["gpu_sampler"] = check.gpu.source if check.gpu else None
     if shutil.which("nvidia-smi"):
         query = "name,driver_version,memory.total,clocks.max.sm,power.limit,compute_mode"
@@ -910,6 +929,9 @@ def compare_steps(a: list[list[str]], b: list[list[str]]) -> dict:
     return out
 
 
+LIVE: set[subprocess.Popen] = set()  # training processes of the resume stage, killed if the check dies
+
+
 class Lane:
     """One `yolo-resume train` run folder, driven through fresh processes."""
 
@@ -921,19 +943,22 @@ class Lane:
         args = ["--resume"] if resume else ["--config", str(self.config)]
         cmd = [sys.executable, "-m", "yolo_resume", "train", *args, "--run-dir", str(self.run), "-q"]
         self.segments += 1
-        log_file = open(self.run.parent / f"{self.run.name}-segment{self.segments}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=self.check.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log_file.close()
+        with open(self.run.parent / f"{self.run.name}-segment{self.segments}.log", "wb") as log_file:
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, env=self.check.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        LIVE.add(proc)
         return proc
 
-    def kill(self, proc: subprocess.Popen) -> None:
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        """SIGKILL the run and its data-loader workers (its own process group)."""
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
+        LIVE.discard(proc)
 
     def finish(self, proc: subprocess.Popen) -> None:
         try:
@@ -941,6 +966,7 @@ class Lane:
         except subprocess.TimeoutExpired:
             self.kill(proc)
             raise StageTimeout(f"{self.run.name} still training at the end of the stage budget") from None
+        LIVE.discard(proc)
         if rc != 0:
             tail = (self.run.parent / f"{self.run.name}-segment{self.segments}.log").read_text(errors="replace")
             raise RuntimeError(f"{self.run.name}: `yolo-resume train` exited {rc}:\n{tail[-3000:]}")
@@ -1016,7 +1042,7 @@ def resume_protocol(check: Check, stage: Stage, deterministic: bool, seed: int) 
         "eval.every_epochs": p["epochs"],  # validated after the last epoch only
         "ckpt.every_steps": p["every_steps"],
     }
-    workers = 0 if check.smoke else max(1, spare_cores() // p["lanes"])
+    workers = 0 if check.smoke else loader_workers(p["batch"], p["imgsz"], processes=p["lanes"])
     config = bt.our_config(folder / "config.yaml", check.data_yaml, p, workers, **overrides)
     total = p["epochs"] * (p["images"] // p["batch"])
     straight, killed = Lane(check, stage, folder / "straight", config), Lane(check, stage, folder / "killed", config)
@@ -1109,7 +1135,7 @@ THROUGHPUT_KEYS = ("img_per_s", "img_per_s_cycle", "loader_wait_frac", "ckpt_sta
 
 def stage_throughput(check: Check, stage: Stage) -> None:
     p = check.mode["throughput"]
-    workers = 0 if check.smoke else spare_cores()
+    workers = 0 if check.smoke else loader_workers(max(p["batches"]), p["imgsz"])
     stage.result["config"] = p | {"workers": workers, "amp": not check.smoke, "device": check.mode["device"]}
     stage.result["runs"], stage.result["ratios"] = {}, {}
     for i, batch in enumerate(p["batches"]):
@@ -1153,7 +1179,7 @@ def stage_checkpoint(check: Check, stage: Stage) -> None:
     r["device_to_host"] = copy
     # The same run with a checkpoint every N steps and with none but the last one.
     params = {"imgsz": p["imgsz"], "epochs": p["epochs"], "batch": p["batch"]}
-    workers = 0 if check.smoke else spare_cores()
+    workers = 0 if check.smoke else loader_workers(p["batch"], p["imgsz"])
     runs = {}
     for every in (p["every_steps"], 0):
         over = {"model.cfg": p["model"], "ckpt.every_epochs": 0, "ckpt.every_steps": every}
@@ -1291,7 +1317,10 @@ def md_environment(r: dict) -> list[str]:
         ("driver", r.get("driver") or "-"),
         ("CUDA (torch build) / cuDNN", f"{r.get('torch_cuda')} / {r.get('cudnn')}"),
         ("torch / ultralytics / python", f"{r.get('torch')} / {v.get('ultralytics')} / {r.get('python')}"),
-        ("CPUs / torch threads", f"{r.get('cpus')} / {r.get('torch_threads')}"),
+        (
+            "CPUs / torch threads / free /dev/shm",
+            f"{r.get('cpus')} / {r.get('torch_threads')} / {r.get('dev_shm_free_gib')} GiB",
+        ),
         ("train.workers auto", r.get("train_workers_auto")),
         ("deterministic algorithms (warn only)", f"{det.get('deterministic_algorithms')} ({det.get('warn_only')})"),
         ("cuDNN deterministic / benchmark", f"{det.get('cudnn_deterministic')} / {det.get('cudnn_benchmark')}"),
@@ -1483,6 +1512,8 @@ def main() -> int:
                 continue
             run_stage(check, name, title, STAGE_FUNCS[name])
     finally:
+        for proc in list(LIVE):
+            Lane.kill(proc)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     check.report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

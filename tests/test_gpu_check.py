@@ -50,6 +50,21 @@ def test_compare_steps_reports_where_and_by_how_much_runs_differ():
     assert out["max_abs_diff"]["cls_loss"] == pytest.approx(0.15) and out["max_abs_diff"]["box_loss"] == 0
 
 
+def test_gpu_samples_are_averaged_over_the_timed_epochs_only():
+    samples = [(0.5, 10.0, 1), (1.0, 90.0, 2), (1.5, 70.0, 3), (2.5, 0.0, 4)]
+    assert gpu_check.GpuSampler.window(samples, 1.0, 2.0) == {"util_mean_pct": 80.0, "samples": 2}
+    assert gpu_check.GpuSampler.window(samples, 3.0, 4.0)["util_mean_pct"] is None
+
+
+def test_loader_workers_share_the_spare_cores_and_fit_dev_shm(monkeypatch):
+    monkeypatch.setattr(gpu_check, "spare_cores", lambda: 15)
+    monkeypatch.setattr(gpu_check, "shm_free", lambda: None)
+    assert gpu_check.loader_workers(64, 640) == 15 and gpu_check.loader_workers(16, 640, processes=4) == 3
+    batch_bytes = 64 * 3 * 640**2
+    monkeypatch.setattr(gpu_check, "shm_free", lambda: 10 * 2 * batch_bytes * 1.25)
+    assert gpu_check.loader_workers(64, 640) == 10
+
+
 @pytest.mark.slow
 def test_cpu_smoke_runs_every_stage_and_resume_is_exact(tmp_path):
     out = tmp_path / "out"
