@@ -65,6 +65,14 @@ def test_loader_workers_share_the_spare_cores_and_fit_dev_shm(monkeypatch):
     assert gpu_check.loader_workers(64, 640) == 10
 
 
+def test_only_adds_the_stages_a_rerun_needs():
+    assert gpu_check.selected_stages(None) == {name for name, _ in gpu_check.STAGES}
+    assert gpu_check.selected_stages("environment") == {"environment"}
+    assert gpu_check.selected_stages("memory") == {"install", "data", "throughput", "memory"}
+    with pytest.raises(ValueError, match="unknown stage"):
+        gpu_check.selected_stages("resume,speed")
+
+
 @pytest.mark.slow
 def test_cpu_smoke_runs_every_stage_and_resume_is_exact(tmp_path):
     out = tmp_path / "out"
@@ -86,6 +94,7 @@ def test_cpu_smoke_runs_every_stage_and_resume_is_exact(tmp_path):
     assert len(det["kills"]) == 2 and all(k["last_logged_step"] < det["total_steps"] for k in det["kills"])
     assert all(e.startswith("killed") for e in det["lineage"])
     assert nondet["deterministic"] is False and set(nondet["equal"]) == {"model", "ema", "optimizer"}
+    assert len(nondet["kills"]) == gpu_check.SMOKE["resume"]["kills"]["nondeterministic"]
 
     for batch in stages["throughput"]["result"]["config"]["batches"]:
         runs = stages["throughput"]["result"]["runs"]
