@@ -32,8 +32,8 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# Quick mode (under 10 minutes on 2 cores): training throughput, memory, checkpoint cost and resume
-# latency vs the ultralytics trainer, plus the checkpoint micro-benchmark; see BENCHMARKS.md.
+# Quick mode (about 30 minutes on 2 cores): training throughput, memory, checkpoint cost, resume latency
+# and accuracy over 4 seeds vs the ultralytics trainer, plus the checkpoint micro-benchmark; see BENCHMARKS.md.
 bench: $(STAMP)
 	$(PY) scripts/bench_all.py
 

@@ -1,12 +1,15 @@
 """All benchmarks (the `make bench` entry): training throughput, memory and per-epoch checkpoint cost vs
 ultralytics' own trainer (bench_train.py), resume latency (bench_resume.py) and the checkpoint stall /
-commit / load micro-benchmark (bench_checkpoint.py). Every figure is a ratio against a baseline measured
-in the same run; runs of the two sides are interleaved and medians taken.
+commit / load micro-benchmark (bench_checkpoint.py), and accuracy over seeds (bench_accuracy.py). Every
+figure is a ratio against a baseline measured in the same run; runs of the two sides are interleaved and
+medians taken (accuracy: means over seeds with the spread).
 
-Quick mode (default) finishes in under 10 minutes on 2 CPU cores; `--full` runs bigger images, more
-epochs and more repeats. Prints markdown tables to stdout; `--json OUT` writes every raw number.
+Quick mode (default) takes about 5 minutes for the speed, memory and checkpoint parts and about 25 more
+for accuracy on 2 CPU cores (`--only train,resume,checkpoint` leaves accuracy out); `--full` runs bigger
+images, more epochs and more repeats. Prints markdown tables to stdout; `--json OUT` writes every raw number.
 
-Usage: python scripts/bench_all.py [--full] [--repeats N] [--only train,resume,checkpoint] [--dir DIR] [--json OUT]
+Usage: python scripts/bench_all.py [--full] [--repeats N] [--only train,resume,checkpoint,accuracy]
+       [--dir DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_accuracy  # noqa: E402
 import bench_resume  # noqa: E402
 import bench_train  # noqa: E402
 from bench_train import REPO, child_env, machine, versions  # noqa: E402
@@ -36,6 +40,15 @@ def run_checkpoint_bench(work: Path, env: dict, repeats: int) -> dict:
     cmd += ["--dir", str(work / "ckpt"), "--json", str(out)]
     subprocess.run(cmd, env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
+
+
+def run_accuracy_bench(work: Path, env: dict, full: bool) -> dict:
+    """bench_accuracy.py in a child (it runs its own children two at a time); its result, as JSON."""
+    out = work / "accuracy.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_accuracy.py"), "--dir", str(work / "accuracy")]
+    cmd += ["--json", str(out)] + (["--full"] if full else [])
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())[-1]
 
 
 def checkpoint_table(c: dict) -> str:
@@ -62,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="bigger images, more epochs and repeats (much longer)")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per measure (quick 3/5/3, full 5/7/5)")
-    parser.add_argument("--only", default="train,resume,checkpoint")
+    parser.add_argument("--only", default="train,resume,checkpoint,accuracy")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one in ./runs)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument("--json", type=Path, default=None)
@@ -101,6 +114,9 @@ def main() -> None:
             t0 = time.time()
             result["checkpoint"] = run_checkpoint_bench(work, env, reps["checkpoint"])
             result["checkpoint"]["elapsed_s"] = time.time() - t0
+        if "accuracy" in only:
+            log("accuracy vs ultralytics, 4 seeds per tool and setup (bench_accuracy.py) ...")
+            result["accuracy"] = run_accuracy_bench(work, env, args.full)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -149,6 +165,18 @@ def report(result: dict) -> str:
             f"{c['elapsed_s'] / 60:.1f} min)",
             "",
             checkpoint_table(c),
+        ]
+    if "accuracy" in result:
+        a = result["accuracy"]
+        lines += [
+            "",
+            f"## Accuracy vs ultralytics (bench_accuracy.py; {a['minutes']} min)",
+            "",
+            f"Setups: {a['setups']}",
+            "",
+            bench_accuracy.table(a["summary"]),
+            "",
+            bench_accuracy.evaluator_agreement(a["rows"]),
         ]
     return "\n".join(lines)
 
