@@ -75,22 +75,35 @@ def test_lr_schedule_is_a_pure_function_of_step():
     assert longer.lr_at(50) > s.lr_at(50)
 
 
-def _ultralytics_lr(ni: int, nb: int, nw: int, epochs: int, lr0: float, lrf: float, start: float) -> float:
-    """What ultralytics' BaseTrainer sets for batch `ni` (its linear `lf`, LambdaLR stepped per epoch, warmup by
-    np.interp up to and including ni == nw), written out from engine/trainer.py."""
-    epoch = ni // nb
-    target = lr0 * (max(1 - epoch / epochs, 0) * (1.0 - lrf) + lrf)
+def _ultralytics_lr(ni: int, nb: int, nw: int, lf, lr0: float, start: float) -> float:
+    """What ultralytics' BaseTrainer sets for batch `ni` (LambdaLR stepped once per epoch, warmup by np.interp up
+    to and including ni == nw towards that epoch's lr0 * lf(epoch)), written out from engine/trainer.py."""
+    target = lr0 * lf(ni // nb)
     return float(np.interp(ni, [0, nw], [start, target])) if nw and ni <= nw else target
 
 
 @pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
-def test_schedule_matches_ultralytics_trainer(optimizer):
-    cfg = TrainConfig(optimizer=optimizer, lr0=0.002, lrf=0.05, epochs=12, warmup_epochs=1.0, momentum=0.9)
-    nb = 19
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("warmup_epochs", [1.0, 2.5])
+def test_schedule_matches_ultralytics_trainer(optimizer, schedule, warmup_epochs):
+    from ultralytics.utils.torch_utils import one_cycle
+
+    epochs, nb, lr0, lrf = 12, 19, 0.002, 0.05
+    cfg = TrainConfig(
+        optimizer=optimizer,
+        lr0=lr0,
+        lrf=lrf,
+        epochs=epochs,
+        warmup_epochs=warmup_epochs,
+        momentum=0.9,
+        schedule=schedule,
+    )
+    lf = one_cycle(1, lrf, epochs) if schedule == "cosine" else (lambda x: max(1 - x / epochs, 0) * (1.0 - lrf) + lrf)
     s = LRSchedule.from_config(cfg, nb)
-    for ni in range(12 * nb):
-        for group, start in (("decay", 0.0), ("bias", 0.1)):
-            assert s.lr_at(ni, group) == pytest.approx(_ultralytics_lr(ni, nb, nb, 12, 0.002, 0.05, start), abs=1e-12)
+    nw = round(warmup_epochs * nb)
+    for ni in range(epochs * nb):
+        for group, start in (("decay", 0.0), ("no_decay", 0.0), ("bias", 0.1)):
+            assert s.lr_at(ni, group) == pytest.approx(_ultralytics_lr(ni, nb, nw, lf, lr0, start), abs=1e-12)
     # ultralytics ramps SGD's momentum in warmup but leaves Adam's beta1 alone (its groups have no "momentum")
     assert s.momentum_at(0) == pytest.approx(0.8 if optimizer == "SGD" else 0.9)
 
@@ -116,7 +129,10 @@ def test_config_stored_by_an_older_version_keeps_its_schedule():
     assert (old.lr_decay_every, old.warmup_beta1, old.warmup_bias_lr) == ("batch", True, 0.0)
     s = LRSchedule.from_config(old, 10)
     assert s.lr_at(0, "bias") == 0.0 and s.momentum_at(0) == pytest.approx(old.warmup_momentum)
-    assert s.lr_at(15) != s.lr_at(16)  # smooth per-batch decay, as before
+    # Bit for bit the formula of 0.1.0 (optim.LRSchedule.factor): progress = step / (epochs * batches).
+    total = old.epochs * 10
+    for step in range(total + 1):
+        assert s.factor(step) == (1 - min(step / total, 1.0)) * (1 - old.lrf) + old.lrf
     sgd = dict(stored, train=dict(stored["train"], optimizer="SGD"))
     assert from_stored(sgd, "test").train.warmup_bias_lr == pytest.approx(0.1)  # SGD always warmed biases
     current = from_dict({"train": {"optimizer": "AdamW"}}).to_dict()
@@ -126,7 +142,8 @@ def test_config_stored_by_an_older_version_keeps_its_schedule():
 def test_optimizer_auto_chooses_as_ultralytics():
     short = resolve_optimizer(TrainConfig(optimizer="auto", epochs=12, batch=16, nbs=16), 6, 300)
     assert (short.optimizer, short.lr0, short.momentum, short.warmup_bias_lr) == ("AdamW", 0.001, 0.9, 0.0)
-    long = resolve_optimizer(TrainConfig(optimizer="auto", epochs=300, nbs=64), 80, 118287)
-    assert (long.optimizer, long.lr0, long.momentum) == ("SGD", 0.01, 0.9)
+    long = resolve_optimizer(TrainConfig(optimizer="auto", epochs=300, nbs=64, momentum=0.937), 80, 118287)
+    # SGD keeps the configured momentum: ultralytics' warmup ramps momentum to args.momentum
+    assert (long.optimizer, long.lr0, long.momentum, long.warmup_bias_lr) == ("SGD", 0.01, 0.937, 0.0)
     explicit = TrainConfig(optimizer="SGD")
     assert resolve_optimizer(explicit, 3, 100) is explicit

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import assert_same_as_straight, cli, final_ckpt, sets, step_rows
 
 from yolo_resume.checkpoint.format import load_checkpoint, read_meta
@@ -268,3 +269,20 @@ def test_auto_resume_starts_an_empty_run_then_resumes_it_exactly(straight, tmp_p
     assert_same_as_straight(straight, tmp_path / "run", resumed_at=5)
     missing = cli("train", "--auto-resume", "-q", cwd=tmp_path)
     assert missing.returncode == 2 and "--auto-resume needs --run-dir" in missing.stderr
+
+
+def test_optimizer_auto_is_resolved_once_and_kept_when_epochs_change(tmp_path):
+    """auto chooses by the planned optimizer steps; a resume with another --epochs must not switch optimizers."""
+    # 8 images, batch 4, nbs 64: one optimizer step per epoch, so 10000 epochs mean AdamW and 10001 SGD.
+    extra = {"data.num_train": 8, "train.epochs": 10000, "train.nbs": 64, "train.optimizer": "auto"}
+    args = sets(tmp_path / "data", **extra, **{"eval.every_epochs": 0, "ckpt.every_steps": 0})
+    first = cli("train", "--run-dir", "run", "-q", "--stop-after-steps", "1", *args, cwd=tmp_path)
+    assert first.returncode == 75, first.stderr
+    assert "optimizer auto: AdamW (lr0 0.001429" in first.stdout
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
+    assert (stored["optimizer"], stored["lr0"], stored["warmup_bias_lr"]) == ("AdamW", 0.001429, 0.0)
+    resumed = cli(
+        "train", "--resume", "--run-dir", "run", "--epochs", "10001", "--stop-after-steps", "2", "-q", cwd=tmp_path
+    )
+    assert resumed.returncode == 75, resumed.stderr
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["optimizer"] == "AdamW"

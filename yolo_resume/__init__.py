@@ -16,4 +16,4 @@ import torch  # noqa: E402
 USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")  # None unless the user chose
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -71,9 +71,9 @@ class TrainConfig:
     deterministic: bool = opt(True, "Use deterministic algorithms (required for bitwise-exact resume).")
     optimizer: str = opt(
         "auto",
-        "Optimizer: `SGD` (nesterov), `AdamW`, or `auto` (as ultralytics: AdamW with lr0 = 0.002 * 5 / (4 + classes), "
-        "momentum 0.9 and no bias warmup for runs of up to 10000 optimizer steps, else SGD with lr0 0.01, momentum "
-        "0.9; lr0, momentum and warmup_bias_lr are then ignored).",
+        "Optimizer: `SGD` (nesterov), `AdamW`, or `auto` (as ultralytics: AdamW with lr0 = 0.002 * 5 / (4 + classes) "
+        "and momentum 0.9 for runs of up to 10000 optimizer steps, else SGD with lr0 0.01; no bias warmup; chosen "
+        "once when the run starts and recorded in its config).",
     )
     lr0: float = opt(0.01, "Initial learning rate.")
     lrf: float = opt(0.01, "Final learning rate as a fraction of lr0.")
@@ -85,7 +85,7 @@ class TrainConfig:
     )
     momentum: float = opt(0.937, "SGD momentum / Adam beta1.")
     weight_decay: float = opt(0.0005, "Weight decay (not applied to norms and biases); scaled by batch/nbs.")
-    warmup_epochs: float = opt(3.0, "Warmup length in epochs (at least 100 optimizer steps when > 0).")
+    warmup_epochs: float = opt(3.0, "Warmup length in epochs (batches; at most all epochs but the last).")
     warmup_momentum: float = opt(0.8, "SGD momentum at the start of warmup (Adam's beta1 only with warmup_beta1).")
     warmup_beta1: bool = opt(False, "Adam only: also ramp beta1 from warmup_momentum to momentum during warmup.")
     warmup_bias_lr: float = opt(0.1, "Bias learning rate at the start of warmup (falls to the regular LR).")
@@ -287,7 +287,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 # What a config stored by an older yolo-resume meant when it lacks a key (checkpoint configs are complete,
 # so a missing key means "saved before this key existed"): the recipe the run was trained with.
 def _legacy_recipe(train: dict[str, Any]) -> dict[str, Any]:
-    """Before 0.3 (no `lr_decay_every`): per-batch decay, Adam beta1 warmup, no bias warmup for Adam."""
+    """Before 0.2.0 (no `lr_decay_every`): per-batch decay, Adam beta1 warmup, no bias warmup for Adam."""
     if "lr_decay_every" in train:
         return {}
     legacy = {"lr_decay_every": "batch", "warmup_beta1": True}

@@ -107,7 +107,10 @@ def environment_drift(meta: dict, current: dict) -> list[Drift]:
     for pkg, version in current["versions"].items():
         stored = (meta.get("versions") or {}).get(pkg)
         if stored != version:
-            drifts.append(Drift(f"version {pkg}", stored, version, HARMLESS, "results may differ in the last bits"))
+            note = "results may differ in the last bits"
+            if pkg == "yolo-resume":  # the stored config carries the recipe (config.from_stored)
+                note = "the run keeps the training recipe of the version that started it; " + note
+            drifts.append(Drift(f"version {pkg}", stored, version, HARMLESS, note))
     old_world, new_world = meta.get("world_size") or 1, current.get("world_size", 1)
     if old_world != new_world:
         drifts.append(

@@ -3,10 +3,11 @@
 - `map`, `map50` (the figures `best` is chosen by): COCO's own definition. Ultralytics NMS (one label per
   box), then pycocotools COCOeval in original image coordinates, which keeps the 100 highest-scoring
   detections per image and samples the precision envelope at 101 recall points.
-- `ultralytics_map`, `ultralytics_map50`: the figure `yolo val` / `yolo train` print. Multi-label NMS (a box
+- `ultralytics_map`, `ultralytics_map50`: the metric `yolo val` / `yolo train` print. Multi-label NMS (a box
   may count for several classes), up to `eval.max_det` (300) detections per image, ultralytics' greedy
   matching (`BaseValidator.match_predictions`) and `ap_per_class` (101-point interpolation of the envelope
-  by the trapezoid rule). On weak models with many low-confidence boxes it runs a few points higher.
+  by the trapezoid rule). On square images it is ultralytics' number for the same weights; on others
+  ultralytics validates rectangular batches (less padding), so its inputs, and its figure, differ a little.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ class UltralyticsStyleAP:
         self._matcher = type("Matcher", (), {"iouv": IOU_THRESHOLDS})()  # what match_predictions reads
 
     def update(self, dets: list[torch.Tensor], batch: dict) -> None:
-        imgsz = batch["img"].shape[-1]
+        height, width = batch["img"].shape[2:]
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         for i, det in enumerate(dets):
             det = det.float().cpu()
             mine = batch["batch_idx"] == i
             true_cls = batch["cls"][mine].view(-1)
-            xywh = batch["bboxes"][mine] * imgsz
+            xywh = batch["bboxes"][mine] * scale
             true_xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
             if len(det) and len(true_cls):
                 iou = box_iou(true_xyxy, det[:, :4])
@@ -88,7 +90,7 @@ def predict_coco(
         img = batch["img"].to(device, non_blocking=True).float() / 255
         preds = model(img)
         preds = preds[0] if isinstance(preds, (list, tuple)) else preds
-        # clone: non_max_suppression converts the boxes of the tensor it is given in place
+        # clone: some ultralytics versions convert the boxes of the tensor they are given in place
         multi = non_max_suppression(preds.clone(), cfg.conf, cfg.iou, multi_label=True, max_det=cfg.max_det)
         ul.update(multi, batch)
         dets = non_max_suppression(preds, cfg.conf, cfg.iou, max_det=cfg.max_det)

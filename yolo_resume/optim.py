@@ -26,14 +26,17 @@ AUTO_MAX_ADAMW_STEPS = 10000
 
 
 def resolve_optimizer(cfg: TrainConfig, num_classes: int, num_images: int) -> TrainConfig:
-    """`cfg` with `optimizer: auto` replaced by what it means for this run (a pure function of the config and
-    the dataset size, so a resume resolves it the same way). Ultralytics >= 8.4 picks its MuSGD for long runs;
-    we pick SGD there, as ultralytics 8.0-8.3 did."""
+    """`cfg` with `optimizer: auto` replaced by what it means for this run, as ultralytics decides it: AdamW with
+    a fitted lr0 for runs of up to 10000 optimizer steps, else SGD; no bias warmup either way. Ultralytics >= 8.4
+    picks its MuSGD for long runs; we pick SGD there, as ultralytics 8.0-8.3 did. SGD keeps `cfg.momentum`, which
+    is where ultralytics' warmup takes its momentum to. The trainer resolves this once, at the start of a run,
+    and the run's config records the choice (as ultralytics' train_args do), so `--epochs N` on resume can never
+    switch optimizers."""
     if cfg.optimizer != "auto":
         return cfg
     iterations = math.ceil(num_images / max(cfg.batch, cfg.nbs)) * cfg.epochs
     if iterations > AUTO_MAX_ADAMW_STEPS:
-        return replace(cfg, optimizer="SGD", lr0=0.01, momentum=0.9)
+        return replace(cfg, optimizer="SGD", lr0=0.01, warmup_bias_lr=0.0)
     lr_fit = round(0.002 * 5 / (4 + num_classes), 6)
     return replace(cfg, optimizer="AdamW", lr0=lr_fit, momentum=0.9, warmup_bias_lr=0.0)
 
@@ -109,8 +112,10 @@ class LRSchedule:
 
     def factor(self, step: int) -> float:
         """Decay factor at `step` (batches since the start): lf(epoch), or lf of the fractional epoch."""
-        done = step // self.batches_per_epoch if self.per_epoch else step / max(self.batches_per_epoch, 1)
-        progress = min(done / max(self.epochs, 1), 1.0)
+        if self.per_epoch:
+            progress = min(step // self.batches_per_epoch / max(self.epochs, 1), 1.0)
+        else:  # written as before lr_decay_every existed, so that old runs resume bit for bit
+            progress = min(step / max(self.epochs * self.batches_per_epoch, 1), 1.0)
         if self.schedule == "cosine":
             return self.lrf + (1 - self.lrf) * (1 + math.cos(math.pi * progress)) / 2
         return (1 - progress) * (1 - self.lrf) + self.lrf

@@ -98,6 +98,8 @@ def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, 
     if stored is not None:
         from_stored(stored, source=f"checkpoint {info.path}")  # a stored config that no longer loads: say so now
     _apply_cli_settings(cfg, overrides, epochs, device)
+    if stored is not None:
+        _keep_resolved_optimizer(cfg, from_stored(stored, source=f"checkpoint {info.path}"))
     check_world_size(cfg, world_size)
     complete = info is not None and _is_complete(info, cfg)
     if complete:
@@ -140,6 +142,13 @@ def _train(dist, plan, quiet, say, warn, allow_drift, stop_after_steps, tensorbo
     else:
         say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
     return code
+
+
+def _keep_resolved_optimizer(cfg: Config, stored: Config) -> None:
+    """A resume with a config that says `optimizer: auto` keeps what auto chose when the run started."""
+    if cfg.train.optimizer == "auto" and stored.train.optimizer != "auto":
+        for key in ("optimizer", "lr0", "momentum", "warmup_bias_lr"):
+            setattr(cfg.train, key, getattr(stored.train, key))
 
 
 def _torchrun_restarted(run_dir: Path | None) -> bool:
@@ -195,8 +204,8 @@ def _start_fresh(trainer: Trainer, init_weights: Path | None, trust_pickle: bool
         f"training {trainer.cfg.model.cfg} on {trainer.cfg.data.format} data ({len(trainer.train_ds)} train / "
         f"{len(trainer.val_ds)} val images) on {trainer.device}; run folder [bold]{trainer.run_dir}[/bold]"
     )
-    if trainer.cfg.train.optimizer == "auto":
-        t = trainer.train_cfg
+    if trainer.auto_optimizer:
+        t = trainer.cfg.train
         say(f"optimizer auto: {t.optimizer} (lr0 {t.lr0:g}, momentum {t.momentum:g}), chosen as ultralytics does")
 
 

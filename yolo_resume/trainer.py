@@ -120,9 +120,11 @@ class Trainer:
         self.net: torch.nn.Module = self.model  # what the forward pass goes through (DDP under torchrun)
         # Only rank 0 validates and saves, so only rank 0 keeps the EMA.
         self.ema = ModelEMA(self.model, tau=cfg.train.ema_tau) if cfg.train.ema and self.dist.is_main else None
-        # `optimizer: auto` resolved from the config and dataset size alone, so a resume resolves it the same way.
-        self.train_cfg = resolve_optimizer(cfg.train, len(self.train_ds.names), len(self.train_ds))
-        self.optimizer = build_optimizer(self.model, self.train_cfg)
+        # `optimizer: auto` is resolved once, when a run starts, into the run's own config (config.yaml and every
+        # checkpoint then name the optimizer and lr0 used), so a resume with another --epochs keeps it.
+        self.auto_optimizer = cfg.train.optimizer == "auto"
+        cfg.train = resolve_optimizer(cfg.train, len(self.train_ds.names), len(self.train_ds))
+        self.optimizer = build_optimizer(self.model, cfg.train)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         # train.batch is global: each of the world_size ranks takes its share of every global batch.
@@ -133,7 +135,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        self.schedule = LRSchedule.from_config(self.train_cfg, self.sampler.batches_per_epoch())
+        self.schedule = LRSchedule.from_config(cfg.train, self.sampler.batches_per_epoch())
         self.accumulate = accumulate_steps(cfg.train)
         self.state = TrainState()
         self.ckpt = CheckpointManager.for_run(cfg.ckpt, self.run_dir)

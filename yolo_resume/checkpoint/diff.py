@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import from_stored
 from ..drift import config_drift
+from ..errors import ConfigError
 from .format import load_checkpoint
 
 META_KEYS = (
@@ -76,11 +78,21 @@ def compare_tensor(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff | 
     return TensorDiff(name, tuple(a.shape), n, n / max(a.numel(), 1), float(delta.max()), float(delta.mean()))
 
 
+def _meant_config(meta: dict, path: Path) -> dict:
+    """The stored config as it was meant when saved (an older version's config gets its old recipe), so two
+    checkpoints of one run never differ by keys that were only added later."""
+    raw = meta.get("config", {})
+    try:
+        return from_stored(raw, source=f"checkpoint {path}").to_dict()
+    except ConfigError:
+        return raw if isinstance(raw, dict) else {}
+
+
 def diff_checkpoints(path_a: Path, path_b: Path) -> DiffReport:
     state_a, meta_a = load_checkpoint(path_a)
     state_b, meta_b = load_checkpoint(path_b)
     report = DiffReport()
-    for d in config_drift(meta_a.get("config", {}), meta_b.get("config", {})):
+    for d in config_drift(_meant_config(meta_a, path_a), _meant_config(meta_b, path_b)):
         report.metadata.append((f"config {d.what}", d.stored, d.current))
     for key in META_KEYS:
         if meta_a.get(key) != meta_b.get(key):
