@@ -123,10 +123,11 @@ def test_adam_beta1_warmup_is_opt_in():
 def test_config_stored_by_an_older_version_keeps_its_schedule():
     """A checkpoint written before `lr_decay_every` existed resumes with the recipe it was trained with."""
     stored = from_dict({"train": {"optimizer": "AdamW", "lr0": 0.002}}).to_dict()
-    for key in ("lr_decay_every", "warmup_beta1"):
+    for key in ("lr_decay_every", "warmup_beta1", "accumulate_ramp", "ema_tau"):
         del stored["train"][key]
     old = from_stored(stored, "test").train
     assert (old.lr_decay_every, old.warmup_beta1, old.warmup_bias_lr) == ("batch", True, 0.0)
+    assert (old.accumulate_ramp, old.ema_tau) == (False, 2000.0)  # ModelEMA's default tau, as before
     s = LRSchedule.from_config(old, 10)
     assert s.lr_at(0, "bias") == 0.0 and s.momentum_at(0) == pytest.approx(old.warmup_momentum)
     # Bit for bit the formula of 0.1.0 (optim.LRSchedule.factor): progress = step / (epochs * batches).

@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_same_as_straight, cli, final_ckpt, sets, step_rows
+from conftest import TOTAL_STEPS, assert_same_as_straight, cli, final_ckpt, sets, step_rows
 
 from yolo_resume.checkpoint.format import load_checkpoint, read_meta
 from yolo_resume.drift import BREAKING, HARMLESS, SCHEDULE, classify_key, config_drift
@@ -286,3 +287,28 @@ def test_optimizer_auto_is_resolved_once_and_kept_when_epochs_change(tmp_path):
     )
     assert resumed.returncode == 75, resumed.stderr
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["optimizer"] == "AdamW"
+
+
+def _ultralytics_optimizer_steps(nb: int, epochs: int, nominal: int, nw: int) -> list[int]:
+    """The batches after which ultralytics' BaseTrainer._do_train steps the optimizer, written out from its loop."""
+    steps, last, accumulate = [], -1, nominal
+    for ni in range(nb * epochs):
+        if nw and ni <= nw:
+            accumulate = max(1, int(np.interp(ni, [0, nw], [1, nominal]).round()))
+        if ni - last >= accumulate:
+            steps.append(ni)
+            last = ni
+    return steps
+
+
+def test_accumulation_steps_where_ultralytics_steps(straight):
+    """The reference run (4 batches per epoch, nbs 8 = 2 micro-batches, warmup 2 batches, 3 epochs) takes its
+    optimizer steps where ultralytics would: after batch 0, then every second batch across epoch boundaries."""
+    expected = _ultralytics_optimizer_steps(nb=4, epochs=3, nominal=2, nw=2)
+    assert expected == [0, 2, 4, 6, 8, 10]
+    counts = []
+    for step in range(1, TOTAL_STEPS + 1):
+        state, _ = load_checkpoint(final_ckpt(straight / "run", step))
+        counts.append(state["train_state"]["optimizer_steps"])
+        assert state["train_state"]["last_opt_step"] == max(s for s in expected if s < step)
+    assert counts == [sum(s < step for s in expected) for step in range(1, TOTAL_STEPS + 1)]

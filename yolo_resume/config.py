@@ -62,6 +62,11 @@ class TrainConfig:
     epochs: int = opt(100, "Number of epochs.")
     batch: int = opt(16, "Images per optimizer micro-batch.")
     nbs: int = opt(64, "Nominal batch size: gradients accumulate over round(nbs / batch) micro-batches.")
+    accumulate_ramp: bool = opt(
+        True,
+        "As ultralytics: accumulate 1 micro-batch at the start of warmup, rising to round(nbs / batch) at its end, "
+        "in windows that run across epochs (false: fixed windows that restart at each epoch).",
+    )
     workers: int = opt(
         -1,
         "DataLoader worker processes (0 = load in the main process). -1 = auto: 0 on CPU, where the model, not "
@@ -287,10 +292,11 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 # What a config stored by an older yolo-resume meant when it lacks a key (checkpoint configs are complete,
 # so a missing key means "saved before this key existed"): the recipe the run was trained with.
 def _legacy_recipe(train: dict[str, Any]) -> dict[str, Any]:
-    """Before 0.2.0 (no `lr_decay_every`): per-batch decay, Adam beta1 warmup, no bias warmup for Adam."""
+    """Before 0.2.0 (no `lr_decay_every`): per-batch decay, Adam beta1 warmup, no bias warmup for Adam, fixed
+    accumulation windows."""
     if "lr_decay_every" in train:
         return {}
-    legacy = {"lr_decay_every": "batch", "warmup_beta1": True}
+    legacy = {"lr_decay_every": "batch", "warmup_beta1": True, "accumulate_ramp": False}
     if train.get("optimizer", "SGD") != "SGD":
         legacy["warmup_bias_lr"] = 0.0
     return legacy

@@ -30,6 +30,7 @@ KEY_CLASSES: list[tuple[str, str]] = [
     ("train.schedule", SCHEDULE),
     ("train.lr_decay_every", SCHEDULE),
     ("train.ema_tau", SCHEDULE),
+    ("train.accumulate_ramp", SCHEDULE),
     ("train.momentum", SCHEDULE),
     ("train.weight_decay", SCHEDULE),
     ("train.warmup_*", SCHEDULE),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +20,14 @@ from .config import TrainConfig
 def accumulate_steps(cfg: TrainConfig) -> int:
     """Micro-batches per optimizer step, so the effective batch is about `nbs`."""
     return max(round(cfg.nbs / cfg.batch), 1)
+
+
+def accumulate_at(step: int, nominal: int, warmup_steps: int) -> int:
+    """Micro-batches per optimizer step at global batch `step`, as ultralytics' trainer ramps it: from 1 at the
+    start of warmup to `nominal` at its last batch (np.interp, rounded half to even), then `nominal`."""
+    if warmup_steps and step <= warmup_steps:
+        return max(1, int(np.interp(step, [0, warmup_steps], [1, nominal]).round()))
+    return nominal
 
 
 # optimizer: auto, as ultralytics decides it (BaseTrainer.build_optimizer): AdamW for short runs.

@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .interop import load_init_weights
 from .lineage import interruption_entry
 from .model import LOSS_NAMES, build_model, compute_loss
-from .optim import LRSchedule, accumulate_steps, build_optimizer, resolve_optimizer
+from .optim import LRSchedule, accumulate_at, accumulate_steps, build_optimizer, resolve_optimizer
 from .plots import plot_results
 from .progress import TrainProgress
 from .provenance import git_info, host, versions
@@ -49,6 +49,7 @@ class TrainState:
     step_in_epoch: int = 0  # batches of the current epoch already trained on
     global_step: int = 0  # batches trained on since the start of the run
     optimizer_steps: int = 0
+    last_opt_step: int = -1  # global step of the last optimizer step (accumulation windows run across epochs)
     epoch_loss_sum: list[float] = field(default_factory=lambda: [0.0] * len(LOSS_NAMES))
     best_fitness: float | None = None
     history: list[dict] = field(default_factory=list)  # one row per finished epoch (results.csv)
@@ -315,10 +316,18 @@ class Trainer:
         self._time_save_due = bool(time_due)
         self.ckpt.wait_snapshot()  # a save in flight must copy the weights before backward changes them
         self.scaler.scale(loss).backward()
-        # Accumulation windows restart at each epoch, so the window position is a function of the step.
-        if (i + 1) % self.accumulate == 0 or i + 1 == nb:
+        if self.optimizer_step_due(i, nb):
             self.optimizer_step()
         return [v / self.dist.world_size for v in loss_sums], lr
+
+    def optimizer_step_due(self, i: int, nb: int) -> bool:
+        """Step the optimizer after batch i of nb? Ultralytics' rule: once the batches since the last step reach
+        the (warmup-ramped) accumulation. Before 0.2.0 (`train.accumulate_ramp: false`): fixed windows restarting
+        at each epoch. Either way a function of the step and the checkpointed `last_opt_step`."""
+        if not self.cfg.train.accumulate_ramp:
+            return (i + 1) % self.accumulate == 0 or i + 1 == nb
+        step = self.state.global_step
+        return step - self.state.last_opt_step >= accumulate_at(step, self.accumulate, self.schedule.warmup_steps)
 
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -330,6 +339,7 @@ class Trainer:
         if self.ema:
             self.ema.update(self.model)
         self.state.optimizer_steps += 1
+        self.state.last_opt_step = self.state.global_step
 
     def to_device(self, batch: dict) -> dict:
         out = dict(batch)
