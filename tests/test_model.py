@@ -148,3 +148,22 @@ def test_optimizer_auto_chooses_as_ultralytics():
     assert (long.optimizer, long.lr0, long.momentum, long.warmup_bias_lr) == ("SGD", 0.01, 0.937, 0.0)
     explicit = TrainConfig(optimizer="SGD")
     assert resolve_optimizer(explicit, 3, 100) is explicit
+
+
+def test_resuming_an_old_run_with_its_config_file_keeps_its_recipe(tmp_path):
+    from yolo_resume.config import load_config
+    from yolo_resume.session import _keep_stored_recipe
+
+    stored = from_dict({"train": {"optimizer": "AdamW"}}).to_dict()
+    for key in ("lr_decay_every", "warmup_beta1", "accumulate_ramp", "ema_tau"):
+        del stored["train"][key]
+    config = tmp_path / "old.yaml"
+    config.write_text("train:\n  optimizer: AdamW\n  lr_decay_every: epoch\n")
+    cfg = load_config(config)
+    _keep_stored_recipe(cfg, config, stored)
+    assert cfg.train.lr_decay_every == "epoch"  # named in the file: the user's choice wins
+    assert (cfg.train.warmup_beta1, cfg.train.accumulate_ramp, cfg.train.warmup_bias_lr) == (True, False, 0.0)
+    current = from_dict({"train": {"optimizer": "AdamW"}}).to_dict()
+    fresh = load_config(config)
+    _keep_stored_recipe(fresh, config, current)  # a run of this version: nothing to keep
+    assert fresh == load_config(config)

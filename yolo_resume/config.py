@@ -291,7 +291,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 
 # What a config stored by an older yolo-resume meant when it lacks a key (checkpoint configs are complete,
 # so a missing key means "saved before this key existed"): the recipe the run was trained with.
-def _legacy_recipe(train: dict[str, Any]) -> dict[str, Any]:
+def legacy_recipe(train: dict[str, Any]) -> dict[str, Any]:
     """Before 0.2.0 (no `lr_decay_every`): per-batch decay, Adam beta1 warmup, no bias warmup for Adam, fixed
     accumulation windows."""
     if "lr_decay_every" in train:
@@ -303,10 +303,10 @@ def _legacy_recipe(train: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_stored(raw: dict[str, Any], source: str) -> Config:
-    """The config saved in a checkpoint, with the meaning it had when it was saved (see `_legacy_recipe`),
+    """The config saved in a checkpoint, with the meaning it had when it was saved (see `legacy_recipe`),
     so that a run started by an older version resumes with the schedule it was trained with."""
     if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
-        raw = dict(raw, train=raw["train"] | _legacy_recipe(raw["train"]))
+        raw = dict(raw, train=raw["train"] | legacy_recipe(raw["train"]))
     return from_dict(raw, source)
 
 

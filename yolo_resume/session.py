@@ -7,11 +7,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from rich.markup import escape
 from rich.table import Table
 
 from .checkpoint.manager import CheckpointInfo, inspect
-from .config import Config, apply_overrides, from_dict, from_stored, load_config, set_key
+from .config import Config, apply_overrides, from_dict, from_stored, legacy_recipe, load_config, set_key
 from .distributed import Distributed, is_collective_failure
 from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import UserError
@@ -97,6 +98,8 @@ def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, 
     stored = info.meta["config"] if info is not None else None
     if stored is not None:
         from_stored(stored, source=f"checkpoint {info.path}")  # a stored config that no longer loads: say so now
+    if stored is not None and config:
+        _keep_stored_recipe(cfg, Path(config), stored)
     _apply_cli_settings(cfg, overrides, epochs, device)
     if stored is not None:
         _keep_resolved_optimizer(cfg, from_stored(stored, source=f"checkpoint {info.path}"))
@@ -142,6 +145,18 @@ def _train(dist, plan, quiet, say, warn, allow_drift, stop_after_steps, tensorbo
     else:
         say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
     return code
+
+
+def _keep_stored_recipe(cfg: Config, config: Path, stored: dict) -> None:
+    """Resuming a run of an older version with a config file: train keys the file does not set keep the
+    meaning they had for that run (config.legacy_recipe), instead of this version's new defaults."""
+    try:
+        named = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("train") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # load_config has already read this file; nothing more to learn from it
+    for key, value in legacy_recipe(stored.get("train") or {}).items():
+        if key not in named:
+            setattr(cfg.train, key, value)
 
 
 def _keep_resolved_optimizer(cfg: Config, stored: Config) -> None:
