@@ -1,5 +1,8 @@
+import logging
 import os
+import socket
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,50 @@ def copy_checkpoints(straight: Path, dest_run: Path, steps) -> Path:
     for step in steps:
         shutil.copytree(final_ckpt(straight / "run", step), final_ckpt(dest_run, step))
     return dest_run
+
+
+# -- a real S3-protocol server (moto) on 127.0.0.1, for the object-store tests -------------------
+# Distinctive values, so that finding them anywhere proves a leak.
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIAYOLORESUMEPROBE7",
+    "AWS_SECRET_ACCESS_KEY": "yolo/Resume+SECRET+probe/0123456789abcdef",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    """A moto S3 server on a free local port; credentials in the environment (inherited by `cli()`)."""
+    saved = {key: os.environ.get(key) for key in (*CREDENTIALS, "AWS_ENDPOINT_URL", "AWS_PROFILE")}
+    os.environ.update(CREDENTIALS)
+    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        os.environ.pop(key, None)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3(endpoint):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+
+
+@pytest.fixture
+def url(s3):
+    """A fresh bucket per test; checkpoints under its prefix `x`."""
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    s3.mkdir(bucket)
+    return f"s3://{bucket}/x"

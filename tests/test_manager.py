@@ -8,6 +8,8 @@ import torch
 
 from yolo_resume.checkpoint import format as fmt
 from yolo_resume.checkpoint.manager import CheckpointManager
+from yolo_resume.checkpoint.ref import resolve
+from yolo_resume.checkpoint.store import LocalStore
 
 
 def state(value: float) -> dict:
@@ -28,23 +30,22 @@ def test_async_save_captures_the_state_at_save_time(tmp_path):
     assert meta["digests"] == fmt.tensor_digests(state(1.0))
 
 
-def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
+def test_at_most_one_save_in_flight(tmp_path):
     active, peak, lock = [0], [0], threading.Lock()
-    real_write = fmt.write_checkpoint
 
-    def slow_write(*args, **kwargs):
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        try:
-            threading.Event().wait(0.05)
-            return real_write(*args, **kwargs)
-        finally:
+    class SlowStore(LocalStore):  # a store whose commits take a while, counting those in progress
+        def commit(self, *args, **kwargs):
             with lock:
-                active[0] -= 1
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                threading.Event().wait(0.05)
+                return super().commit(*args, **kwargs)
+            finally:
+                with lock:
+                    active[0] -= 1
 
-    monkeypatch.setattr("yolo_resume.checkpoint.manager.write_checkpoint", slow_write)
-    manager = CheckpointManager(tmp_path, keep_last=10, async_save=True)
+    manager = CheckpointManager(SlowStore(tmp_path), keep_last=10, async_save=True)
     for step in range(1, 5):
         manager.save(state(step), {"global_step": step})
     manager.wait()
@@ -81,18 +82,19 @@ def test_existing_folder_for_the_same_step_is_kept_aside(tmp_path):
     assert [p.name for p in tmp_path.glob("ckpt-000000003.superseded-*")]
 
 
-def test_for_run_keeps_local_checkpoints_local(tmp_path):
+def test_a_run_with_a_file_url_keeps_its_checkpoints_local(tmp_path):
     from yolo_resume.config import Config
+    from yolo_resume.run_dir import RunDir
 
     cfg = Config()
     cfg.ckpt.dir = f"file://{tmp_path / 'elsewhere'}"  # a file:// URL is a local folder
-    manager = CheckpointManager.for_run(cfg.ckpt, tmp_path / "run")
-    assert manager.remote is None and manager.directory == tmp_path / "elsewhere"
+    manager = RunDir(tmp_path / "run").checkpoints(cfg.ckpt)
+    assert isinstance(manager.store, LocalStore) and manager.directory == tmp_path / "elsewhere"
     manager.save(state(2.0), {"global_step": 2})
     manager.wait()
     assert [r.error for r in manager.poll()] == [None]
     info = manager.get("ckpt-000000002", deep=True)
-    assert info.valid and info.path == tmp_path / "elsewhere" / "ckpt-000000002" and not info.remote
+    assert info.valid and info.path == tmp_path / "elsewhere" / "ckpt-000000002"
     assert info.modified() == info.path.stat().st_mtime and info.size_bytes() > 256 * 256 * 4
-    assert manager.inspect(str(info.path)).meta["global_step"] == 2
+    assert resolve(str(info.path)).one().info().meta["global_step"] == 2
     assert not (tmp_path / "run" / ".staging").exists()  # staging is only for remote checkpoints

@@ -4,73 +4,25 @@ transient errors are retried, credentials are never stored; and a remote run res
 
 import hashlib
 import json
-import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOTAL_STEPS, cli, final_ckpt, sets, step_rows
+from conftest import CREDENTIALS, TOTAL_STEPS, cli, final_ckpt, sets, step_rows
 
 from yolo_resume.checkpoint import format as fmt
 from yolo_resume.checkpoint.manager import CheckpointManager
-from yolo_resume.checkpoint.storage import Retry
+from yolo_resume.checkpoint.object_store import ObjectStore, Retry
 from yolo_resume.errors import CheckpointError
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
-# Distinctive values, so that finding them anywhere proves a leak.
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "AKIAYOLORESUMEPROBE7",
-    "AWS_SECRET_ACCESS_KEY": "yolo/Resume+SECRET+probe/0123456789abcdef",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    """A moto S3 server on a free local port; credentials in the environment (inherited by `cli()`)."""
-    saved = {key: os.environ.get(key) for key in (*CREDENTIALS, "AWS_ENDPOINT_URL", "AWS_PROFILE")}
-    os.environ.update(CREDENTIALS)
-    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        os.environ.pop(key, None)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@pytest.fixture
-def s3(endpoint):
-    import s3fs
-
-    return s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-
-
-@pytest.fixture
-def url(s3):
-    """A fresh bucket per test; checkpoints under its prefix `x`."""
-    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
-    s3.mkdir(bucket)
-    return f"s3://{bucket}/x"
 
 
 def state(value: float) -> dict:
@@ -81,14 +33,12 @@ def meta(step: int, fitness: float | None = None) -> dict:
     return {"global_step": step, "epoch": step, "step_in_epoch": 0, "metrics": {"fitness": fitness or 0.0}}
 
 
-def manager(url, endpoint, tmp_path, **kwargs) -> CheckpointManager:
-    return CheckpointManager(
-        url,
-        storage_options={"endpoint_url": endpoint},
-        staging_dir=tmp_path / ".staging",
-        retry=Retry(delay_s=0.001),
-        **kwargs,
-    )
+def manager(url, endpoint, tmp_path, retry=None, hooks=None, **kwargs) -> CheckpointManager:
+    """A manager of the prefix `url`; with `hooks`, its store reaches S3 through a `Proxy` with them
+    (fault injection through the store's own seam: the filesystem it is given)."""
+    options, staging, retry = {"endpoint_url": endpoint}, tmp_path / ".staging", retry or Retry(delay_s=0.001)
+    fs = None if hooks is None else Proxy(ObjectStore(url, options).fs, **hooks)
+    return CheckpointManager(ObjectStore(url, options, staging, retry, fs=fs), **kwargs)
 
 
 def save_all(mgr, steps):
@@ -143,8 +93,8 @@ def fail_first(n, exc_factory):
 
 # -- the manager against S3 -------------------------------------------------------------------
 def test_save_list_pin_prune_load(url, endpoint, s3, tmp_path):
-    mgr = manager(url, endpoint, tmp_path, keep_last=10, keep_best=0, async_save=True)
-    proxy = mgr.remote.fs = Proxy(mgr.remote.fs)
+    mgr = manager(url, endpoint, tmp_path, hooks={}, keep_last=10, keep_best=0, async_save=True)
+    proxy = mgr.store.fs
     save_all(mgr, [1, 2, 3, 4])
     # The upload ran in the background save thread, not in the caller's.
     uploads = {thread for method, thread in proxy.calls if method in ("put_file", "pipe_file")}
@@ -175,16 +125,17 @@ def test_save_list_pin_prune_load(url, endpoint, s3, tmp_path):
         mgr.pin("ckpt-000000003")
 
     # A fresh manager (another process) finds, verifies and loads it; the downloaded copy is removed.
-    other = manager(url, endpoint, tmp_path / "other")
+    other = manager(url, endpoint, tmp_path / "other", hooks={})
     info = other.latest_valid()
     assert info.name == "ckpt-000000004" and info.path == f"{url}/ckpt-000000004"
-    proxy = other.remote.fs = Proxy(other.remote.fs)
-    loaded, loaded_meta = other.load(info.path)  # loads the copy latest_valid verified: no new download
+    proxy = other.store.fs
+    proxy.calls.clear()
+    loaded, loaded_meta = info.ref.load()  # loads the copy latest_valid verified: no new download
     assert torch.equal(loaded["model"]["w"], state(4.0)["model"]["w"])
     assert loaded_meta["digests"] == fmt.tensor_digests(state(4.0))
     assert [c for c in proxy.calls if c[0] == "get_file"] == []
     assert not any((tmp_path / "other" / ".staging").rglob("*.safetensors"))
-    assert other.load(info.path)[1]["global_step"] == 4  # nothing cached now: downloaded and verified
+    assert other.load(info.name)[1]["global_step"] == 4  # nothing cached now: downloaded and verified
     assert len([c for c in proxy.calls if c[0] == "get_file"]) == 4
     assert not any((tmp_path / "other" / ".staging").rglob("*.safetensors"))
 
@@ -198,7 +149,7 @@ def test_concurrent_loads_of_one_checkpoint_each_get_a_verified_copy(url, endpoi
 
     def load(mgr):
         try:
-            results.append(mgr.load(info.path)[0]["model"]["w"])
+            results.append(mgr.load(info.name)[0]["model"]["w"])
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -226,7 +177,7 @@ def test_uncommitted_prefix_is_invisible_and_replaced(url, endpoint, s3, tmp_pat
     save_all(mgr, [2])
     assert names(mgr) == ["ckpt-000000001", "ckpt-000000002"]
     assert not [o for o in objects(s3, url) if o.startswith("ckpt-000000005")]  # garbage collected
-    loaded, _ = mgr.load(mgr.latest_valid().path)
+    loaded, _ = mgr.load(mgr.latest_valid().name)
     assert torch.equal(loaded["model"]["w"], state(2.0)["model"]["w"])
 
 
@@ -252,7 +203,7 @@ def test_corrupt_remote_checkpoint_is_skipped_with_the_reason(url, endpoint, s3,
     assert "SHA-256 does not match" in reason and ".staging" not in reason and "\n" not in reason
     assert [i.valid for i in mgr.list(deep=True)] == [True, False, False]
     with pytest.raises(CheckpointError, match="tensors.safetensors"):
-        mgr.load(f"{url}/ckpt-000000003")
+        mgr.load("ckpt-000000003")
     # A manifest changed after the commit no longer matches its marker.
     s3.pipe(f"{root}/ckpt-000000001/manifest.json", s3.cat(f"{root}/ckpt-000000001/manifest.json") + b" ")
     assert "commit marker" in mgr.list()[0].error
@@ -261,7 +212,8 @@ def test_corrupt_remote_checkpoint_is_skipped_with_the_reason(url, endpoint, s3,
 KILL_SCRIPT = """
 import torch
 from yolo_resume.checkpoint.manager import CheckpointManager
-mgr = CheckpointManager({url!r}, storage_options={{"endpoint_url": {endpoint!r}}}, staging_dir={staging!r})
+from yolo_resume.checkpoint.object_store import ObjectStore
+mgr = CheckpointManager(ObjectStore({url!r}, {{"endpoint_url": {endpoint!r}}}, {staging!r}))
 for step in (1, 2):
     state = {{"model": {{"w": torch.full((64, 64), float(step))}}}}
     mgr.save(state, {{"global_step": step}})
@@ -288,23 +240,22 @@ def test_sigkill_during_upload_commits_nothing_half_done(url, endpoint, s3, tmp_
     mgr.save({"model": {"w": torch.full((64, 64), 22.0)}}, {"global_step": 2})
     assert [r.error for r in mgr.poll()] == [None]
     assert [i.valid for i in mgr.list(deep=True)] == [True, True]
-    assert torch.equal(mgr.load(f"{url}/ckpt-000000002")[0]["model"]["w"], torch.full((64, 64), 22.0))
+    assert torch.equal(mgr.load("ckpt-000000002")[0]["model"]["w"], torch.full((64, 64), 22.0))
     aside = {o.split("/")[0] for o in objects(s3, url) if ".superseded-" in o}
     assert len(aside) == (1 if newest == 2 else 0)
 
 
 def test_transient_errors_are_retried_and_lasting_ones_reported(url, endpoint, s3, tmp_path):
     sleeps = []
-    mgr = manager(url, endpoint, tmp_path, keep_last=10)
-    mgr.remote.retry = Retry(tries=4, delay_s=0.2, sleep=sleeps.append)
     flaky = fail_first(2, lambda: ConnectionResetError(104, "Connection reset by peer"))
-    mgr.remote.fs = Proxy(mgr.remote.fs, put_file=flaky)
+    retry = Retry(tries=4, delay_s=0.2, sleep=sleeps.append)
+    mgr = manager(url, endpoint, tmp_path, retry=retry, hooks={"put_file": flaky}, keep_last=10)
     save_all(mgr, [1])
     assert sleeps == [0.2, 0.4]  # two retries with doubling backoff, then success
     assert [i.valid for i in mgr.list(deep=True)] == [True]
 
     sleeps.clear()
-    mgr.remote.fs = Proxy(mgr.remote.fs.fs, put_file=fail_first(99, lambda: TimeoutError("read timed out")))
+    mgr.store.fs.hooks["put_file"] = fail_first(99, lambda: TimeoutError("read timed out"))
     mgr.save(state(2.0), meta(2))
     [result] = mgr.poll()
     assert sleeps == [0.2, 0.4, 0.8]  # 4 tries in all
@@ -318,8 +269,8 @@ def test_transient_errors_are_retried_and_lasting_ones_reported(url, endpoint, s
 def test_a_lasting_network_error_never_makes_a_checkpoint_look_corrupt(url, endpoint, s3, tmp_path):
     mgr = manager(url, endpoint, tmp_path, keep_last=10)
     save_all(mgr, [1, 2])
-    other = manager(url, endpoint, tmp_path / "other")  # nothing cached: it must read meta.json
-    other.remote.fs = Proxy(other.remote.fs, cat_file=fail_first(99, lambda: ConnectionRefusedError(111, "refused")))
+    refused = fail_first(99, lambda: ConnectionRefusedError(111, "refused"))
+    other = manager(url, endpoint, tmp_path / "other", hooks={"cat_file": refused})  # must read meta.json
     for action in (other.list, other.latest_valid, lambda: other.prune(keep_last=0)):
         with pytest.raises(CheckpointError, match="gave up after 4 tries"):
             action()  # an error, not an invalid checkpoint to skip or delete
@@ -329,9 +280,7 @@ def test_a_lasting_network_error_never_makes_a_checkpoint_look_corrupt(url, endp
 def test_missing_bucket_is_one_clear_error_without_retries(endpoint, tmp_path):
     sleeps = []
     mgr = CheckpointManager(
-        "s3://no-such-bucket-yolo/x",
-        storage_options={"endpoint_url": endpoint},
-        retry=Retry(sleep=sleeps.append),
+        ObjectStore("s3://no-such-bucket-yolo/x", {"endpoint_url": endpoint}, retry=Retry(sleep=sleeps.append))
     )
     with pytest.raises(CheckpointError) as err:
         mgr.list()
@@ -346,40 +295,42 @@ def test_an_upload_that_does_not_match_is_never_committed(url, endpoint, s3, tmp
             return s3.pipe_file(remote, Path(local).read_bytes()[:-10])
         return real(local, remote, **kwargs)
 
-    mgr = manager(url, endpoint, tmp_path)
-    mgr.remote.fs = Proxy(mgr.remote.fs, put_file=truncate)
+    mgr = manager(url, endpoint, tmp_path, hooks={"put_file": truncate})
     mgr.save(state(1.0), meta(1))
     [result] = mgr.poll()
     assert "tensors.safetensors" in str(result.error) and "after the upload" in str(result.error)
     assert names(mgr) == [] and "ckpt-000000001.committed" not in objects(s3, url)
 
 
-def test_runs_find_a_remote_run_from_its_saved_config(url, endpoint, s3, tmp_path):
+def test_a_remote_run_is_found_from_its_saved_config(url, endpoint, s3, tmp_path):
     from yolo_resume import runs
-    from yolo_resume.checkpoint.manager import inspect
+    from yolo_resume.checkpoint.ref import CheckpointRef, resolve
+    from yolo_resume.checkpoint.store import open_store
     from yolo_resume.config import Config
+    from yolo_resume.run_dir import RunDir, most_recent_run
 
     cfg = Config()
     cfg.ckpt.dir, cfg.ckpt.storage_options, cfg.ckpt.keep_last = url, {"endpoint_url": endpoint}, 10
     run = tmp_path / "runs" / "remote"
     run.mkdir(parents=True)
-    (run / runs.CONFIG_FILE).write_text(cfg.to_yaml())
-    trainer_side = CheckpointManager.for_run(cfg.ckpt, run)
-    assert trainer_side.remote is not None and trainer_side.staging_dir() == run / ".staging"
+    RunDir(run).config_file.write_text(cfg.to_yaml())
+    trainer_side = RunDir(run).checkpoints(cfg.ckpt)
+    assert isinstance(trainer_side.store, ObjectStore) and trainer_side.store.staging_dir() == run / ".staging"
     save_all(trainer_side, [3, 4])
 
-    assert runs.checkpoint_dir(run) == url  # a str: never collapsed into a Path
-    assert runs.has_checkpoints(run) and runs.most_recent_run(tmp_path / "runs") == run
-    assert [i.name for i in runs.resolve_checkpoint(run, deep=True)] == ["ckpt-000000003", "ckpt-000000004"]
-    [one] = runs.resolve_checkpoint(run / "ckpt-000000003")  # RUN/ckpt-N of a remote run
+    assert RunDir(run).store().location == url  # from config.yaml; a str: never collapsed into a Path
+    assert RunDir(run).has_checkpoints() and most_recent_run(tmp_path / "runs") == run
+    assert [i.name for i in resolve(run).infos(deep=True)] == ["ckpt-000000003", "ckpt-000000004"]
+    [one] = resolve(run / "ckpt-000000003").infos()  # RUN/ckpt-N of a remote run
     assert one.valid and one.path == f"{url}/ckpt-000000003"
-    info = inspect(f"{url}/ckpt-000000004", storage_options={"endpoint_url": endpoint})
-    assert info.valid and info.get("global_step") == 4
-    with runs.local_checkpoint(run / "ckpt-000000004") as local:
+    ref = CheckpointRef(open_store(url, {"endpoint_url": endpoint}), "ckpt-000000004")
+    again = CheckpointRef.from_json(json.loads(json.dumps(ref.to_json())))  # as another DDP rank gets it
+    assert ref.info().valid and again.info().get("global_step") == 4 and again.where == ref.where
+    with resolve(run / "ckpt-000000004").one().local() as local:
         assert fmt.read_meta(local)["global_step"] == 4 and local.is_relative_to(run / ".staging")
     assert not local.exists()
     _, resumed = runs.find_resume_point(run, None, warn=print)
-    assert resumed.name == "ckpt-000000004" and trainer_side.load(resumed.path)[1]["global_step"] == 4
+    assert resumed.name == "ckpt-000000004" and resumed.ref.load()[1]["global_step"] == 4
 
     # The ckpt commands in-process: RUN/ckpt-N of a remote run, and a bare URL (endpoint from the env).
     from typer.testing import CliRunner
@@ -400,7 +351,7 @@ def test_runs_find_a_remote_run_from_its_saved_config(url, endpoint, s3, tmp_pat
 
     cfg.ckpt.dir = "s3://no-such-bucket-yolo/x"
     with pytest.raises(CheckpointError, match="no-such-bucket-yolo"):
-        CheckpointManager.for_run(cfg.ckpt, tmp_path / "other")  # before any training starts
+        RunDir(tmp_path / "other").checkpoints(cfg.ckpt)  # before any training starts
 
 
 # -- end to end through the CLI ----------------------------------------------------------------

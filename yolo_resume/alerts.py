@@ -29,8 +29,8 @@ from pathlib import Path
 
 from . import __version__
 from .provenance import host, utc_now
+from .run_dir import RunDir
 
-EVENTS = ("failure", "restart", "gave_up", "completed", "interrupted")
 EVENT_ENV = "YOLO_RESUME_EVENT"
 CMD_TIMEOUT_S = 30.0
 WEBHOOK_TIMEOUT_S = 10.0
@@ -41,9 +41,9 @@ RETRY_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 def newest_checkpoint(run_dir: Path) -> dict | None:
     """The newest checkpoint of the run whose manifest and metadata check out: name, location, step."""
     try:
-        from .runs import manager_for
+        from .checkpoint.manager import CheckpointManager
 
-        infos = manager_for(Path(run_dir)).list()  # oldest first
+        infos = CheckpointManager(RunDir(run_dir).store()).list()  # oldest first
     except Exception:  # an unreadable checkpoint folder must not break the caller
         return None
     for info in reversed(infos):
@@ -66,7 +66,7 @@ def _location(path) -> str:
 def last_metrics(run_dir: Path) -> dict | None:
     """The last row of `<run>/results.csv` as {column: number}, or None before the first epoch ends."""
     try:
-        with (Path(run_dir) / "results.csv").open(newline="") as f:
+        with RunDir(run_dir).results_file.open(newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, csv.Error, UnicodeDecodeError):
         return None

@@ -153,11 +153,10 @@ def ckpt_list(
     fast: bool = typer.Option(False, "--fast", help="Check manifests and metadata only, do not hash tensors."),
 ):
     """List a run's checkpoints: epoch, step, kind, size, mAP, git commit, created, status, best, pinned."""
-    from .checkpoint.retention import keep_best
-    from .runs import resolve_checkpoint
+    from .checkpoint.ref import best_of, resolve
 
-    infos = resolve_checkpoint(run, deep=not fast)
-    best = keep_best([info.candidate() for info in infos], 1)  # the same rule retention keeps by
+    infos = resolve(run).infos(deep=not fast)
+    best = best_of(infos)
     rows = [info.to_json() | {"best": info.name in best} for info in infos]
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -195,9 +194,13 @@ def ckpt_prune(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print what would be deleted."),
 ):
     """Delete checkpoints no policy keeps; pinned ones and the newest valid one always stay."""
-    from .runs import manager_for_target
+    from .checkpoint.manager import CheckpointManager
+    from .checkpoint.ref import resolve
 
-    manager = manager_for_target(run)
+    target = resolve(run)
+    if target.name is not None:
+        raise UserError(f"`{run}` is one checkpoint; `ckpt prune` takes a run folder or a checkpoint URL prefix")
+    manager = CheckpointManager(target.store)
     doomed = manager.prune(dry_run=True, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
     freed = sum(info.size_bytes() for info in doomed)
     verb = "would delete" if dry_run else "deleting"
@@ -223,20 +226,11 @@ def ckpt_unpin(ckpt: str = typer.Argument(..., help="Checkpoint folder, RUN/ckpt
 
 
 def _set_pin(ckpt: str, pinned: bool) -> None:
-    from .checkpoint.manager import NAME_RE, CheckpointManager
-    from .runs import locate_checkpoint
+    from .checkpoint.ref import resolve
 
-    located = locate_checkpoint(ckpt)  # a remote checkpoint (URL, or RUN/ckpt-N of a remote run)
-    if located is not None:
-        manager, name = located
-        manager.pin(name, pinned)
-        out.print(f"{'pinned' if pinned else 'unpinned'} {manager.remote.url_of(name)}")
-        return
-    path = Path(ckpt)
-    if not path.is_dir() or not NAME_RE.match(path.name):
-        raise UserError(f"`{ckpt}` is not a checkpoint folder (ckpt-<step>); see `yolo-resume ckpt list`")
-    CheckpointManager(path.parent).pin(path.name, pinned)
-    out.print(f"{'pinned' if pinned else 'unpinned'} {path}")
+    ref = resolve(ckpt).one()
+    ref.pin(pinned)
+    out.print(f"{'pinned' if pinned else 'unpinned'} {ref.where}")
 
 
 @ckpt_app.command("diff")
@@ -248,9 +242,9 @@ def ckpt_diff(
 ):
     """Config and metadata differences, and which tensors differ and by how much."""
     from .checkpoint.diff import diff_checkpoints
-    from .runs import local_checkpoint
+    from .checkpoint.ref import resolve
 
-    with local_checkpoint(a) as local_a, local_checkpoint(b) as local_b:
+    with resolve(a).one().local() as local_a, resolve(b).one().local() as local_b:
         report = diff_checkpoints(local_a, local_b)
     if report.metadata:
         table = Table(title="metadata and config")
@@ -285,10 +279,10 @@ def ckpt_export(
     weights: str = typer.Option("ema", "--weights", help="ema (default) or model."),
 ):
     """Export weights for deployment: an ultralytics .pt that YOLO(...) loads, safetensors, or ONNX."""
+    from .checkpoint.ref import resolve
     from .interop import export_checkpoint
-    from .runs import local_checkpoint
 
-    with local_checkpoint(ckpt) as local:
+    with resolve(ckpt).one().local() as local:
         path = export_checkpoint(local, fmt, Path(output), weights=weights)
     out.print(f"exported {ckpt} ({weights} weights) to {path}")
 
@@ -300,18 +294,13 @@ def ckpt_show(
     as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
 ):
     """Show a checkpoint's metadata, including the SHA-256 digests of its model, EMA and optimizer."""
-    from .checkpoint.format import read_meta
+    from .checkpoint.ref import resolve
     from .errors import CheckpointError
-    from .runs import locate_checkpoint
 
-    located = locate_checkpoint(ckpt)
-    if located is not None:
-        info = located[0].get(located[1])
-        if not info.valid:
-            raise CheckpointError(info.error)
-        meta = info.meta
-    else:
-        meta = read_meta(Path(ckpt))
+    info = resolve(ckpt).one().info()
+    if not info.valid:
+        raise CheckpointError(info.error)
+    meta = info.meta
     if as_json:
         print(json.dumps(meta, indent=2))
         return
@@ -347,9 +336,9 @@ def ckpt_show(
 @user_errors
 def ckpt_verify(target: str = typer.Argument(None, help="Run folder, checkpoint folder, or URL.")):
     """Verify sizes and SHA-256 of every file; exit 1 if any checkpoint is invalid."""
-    from .runs import resolve_checkpoint
+    from .checkpoint.ref import resolve
 
-    infos = resolve_checkpoint(target, deep=True)  # remote checkpoints: downloaded and verified
+    infos = resolve(target).infos(deep=True)  # remote checkpoints: downloaded and verified
     if not infos:
         raise UserError(f"no checkpoint found in `{target or 'the most recent run'}`")
     for info in infos:
@@ -365,9 +354,9 @@ def ckpt_verify(target: str = typer.Argument(None, help="Run folder, checkpoint 
 def plot(run: Path = typer.Argument(None, help="Run folder (default: the most recent run under runs/).")):
     """Redraw <run>/results.png from results.csv (losses, mAP, LR per epoch; resume points marked)."""
     from .plots import plot_results
-    from .runs import most_recent_run
+    from .run_dir import RunDir, most_recent_run
 
-    results = Path(run or most_recent_run()) / "results.csv"
+    results = RunDir(run or most_recent_run()).results_file
     if not results.is_file():
         raise UserError(f"`{results}` not found: the run has not finished an epoch yet")
     out.print(f"wrote {plot_results(results)}")

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint.manager import CheckpointManager
+from .checkpoint.ref import resolve
 from .errors import UserError
-from .runs import local_checkpoint, resolve_checkpoint
+from .run_dir import RunDir
 
 
 @dataclass
@@ -51,12 +52,12 @@ def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _newest(run: Path):
-    infos = CheckpointManager(run / "checkpoints").list()
+    infos = CheckpointManager(RunDir(run).store()).list()
     return infos[-1] if infos else None
 
 
 def replay_check(target: Path | None, steps: int, say) -> ReplayResult:
-    infos = [i for i in resolve_checkpoint(target, deep=True) if i.valid]
+    infos = [i for i in resolve(target).infos(deep=True) if i.valid]
     if not infos:
         raise UserError(f"no valid checkpoint in `{target or 'the most recent run'}` to replay from")
     start = infos[-1]
@@ -64,7 +65,7 @@ def replay_check(target: Path | None, steps: int, say) -> ReplayResult:
     extra = ["--epochs", str(int(start.get("epochs")) + 1)] if start.get("finished") else []
     half = max(steps // 2, 1)
     say(f"replaying {steps} steps from {start.path} (stop and resume after {half})")
-    with tempfile.TemporaryDirectory(prefix="yolo-resume-doctor-") as tmp, local_checkpoint(start.path) as local:
+    with tempfile.TemporaryDirectory(prefix="yolo-resume-doctor-") as tmp, start.ref.local() as local:
         tmp = Path(tmp)
         # The replays keep their checkpoints in their own temporary run folders (`ckpt.dir=`), never
         # in the run's checkpoint folder or bucket; a remote start point is a verified local copy.
@@ -81,7 +82,7 @@ def replay_check(target: Path | None, steps: int, say) -> ReplayResult:
         if a is None or b is None:
             return ReplayResult(False, "a replay saved no checkpoint")
         same_digests = a.get("digests") == b.get("digests") and a.global_step == b.global_step
-        same_losses = (tmp / "a" / "steps.csv").read_text() == (tmp / "b" / "steps.csv").read_text()
+        same_losses = RunDir(tmp / "a").steps_file.read_text() == RunDir(tmp / "b").steps_file.read_text()
     if same_digests and same_losses:
         return ReplayResult(
             True,

@@ -36,6 +36,7 @@ import torch
 from .checkpoint.format import PICKLE_SUFFIXES, is_checkpoint_dir, load_checkpoint
 from .config import Config, from_stored
 from .errors import CheckpointError, UserError
+from .run_dir import RunDir
 
 __all__ = ["EXPORT_FORMATS", "SAFETENSORS_META_KEYS", "export_checkpoint", "load_init_weights"]
 
@@ -99,9 +100,10 @@ def _output_path(ckpt: Path, fmt: str, out: Path) -> Path:
 
 
 def _load_yolo_resume_checkpoint(ckpt: Path) -> tuple[dict, dict]:
-    if ckpt.is_dir() and not is_checkpoint_dir(ckpt) and (ckpt / "checkpoints").is_dir():
+    checkpoints = RunDir(ckpt).default_checkpoints
+    if ckpt.is_dir() and not is_checkpoint_dir(ckpt) and checkpoints.is_dir():
         raise CheckpointError(
-            f"`{ckpt}` is a run folder, not a checkpoint; pass one of its checkpoints, e.g. {ckpt}/checkpoints/ckpt-..."
+            f"`{ckpt}` is a run folder, not a checkpoint; pass one of its checkpoints, e.g. {checkpoints}/ckpt-..."
         )
     return load_checkpoint(ckpt)
 

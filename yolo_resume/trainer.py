@@ -220,7 +220,7 @@ class Trainer:
     def resume(self, info: CheckpointInfo, ended: str | None = None) -> None:
         """Load `info`; `ended` says why the previous stretch stopped when this process knows it
         (a rollback), instead of reading it from the segment log."""
-        state, _ = self.ckpt.load(info.path, map_location=str(self.device))
+        state, _ = info.ref.load(map_location=str(self.device))
         try:
             self.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as exc:

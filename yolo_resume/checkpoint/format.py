@@ -39,7 +39,7 @@ import shutil
 import signal
 import stat
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +62,11 @@ __all__ = [
     "STATE_FILE",
     "TENSORS_FILE",
     "TMP_PREFIX",
+    "check_listing",
     "flatten_state",
     "is_checkpoint_dir",
     "load_checkpoint",
+    "read_listed_meta",
     "read_meta",
     "snapshot_to_cpu",
     "tensor_digests",
@@ -818,7 +820,7 @@ class _HeaderEntry:
     end: int
 
 
-def _refuse(path: Path, file: str | None, problem: str, fix: str = _CORRUPT_FIX) -> CheckpointError:
+def _refuse(path: Path | str, file: str | None, problem: str, fix: str = _CORRUPT_FIX) -> CheckpointError:
     where = f"checkpoint {path}" + (f": {file}" if file else "")
     message = f"{where}: {problem}; {fix}"
     return CheckpointError(message.replace("\n", "\\n").replace("\r", "\\r"))  # always one line
@@ -912,25 +914,6 @@ def _check_plain_name(path: Path, name: Any) -> None:
         )
 
 
-def _read_manifest(path: Path, listing: dict[str, os.stat_result]) -> dict[str, _Entry]:
-    if MANIFEST_FILE not in listing:
-        raise _refuse(
-            path,
-            MANIFEST_FILE,
-            "is missing (the save never completed, or this is not a yolo-resume checkpoint)",
-            "resume from an earlier checkpoint",
-        )
-    if listing[MANIFEST_FILE].st_size > MANIFEST_MAX_BYTES:
-        raise _refuse(path, MANIFEST_FILE, f"is larger than the {MANIFEST_MAX_BYTES} byte limit")
-    with _open_regular(path / MANIFEST_FILE) as file:
-        data = _read_exact(file, MANIFEST_MAX_BYTES + 1)
-    try:
-        doc = _loads_strict(data)
-    except ValueError as exc:
-        raise _refuse(path, MANIFEST_FILE, f"is not strict JSON: {exc}") from None
-    return _parse_manifest(path, doc)
-
-
 def _parse_manifest(path: Path, doc: Any) -> dict[str, _Entry]:
     if type(doc) is not dict or set(doc) != {"format", "format_version", "files"}:
         raise _refuse(path, MANIFEST_FILE, "is not a yolo-resume manifest (keys format, format_version, files)")
@@ -962,8 +945,8 @@ def _is_sha256_hex(text: str) -> bool:
     return len(text) == 64 and all(ch in "0123456789abcdef" for ch in text)
 
 
-def _check_file_set(path: Path, entries: dict[str, _Entry], listing: dict[str, os.stat_result]) -> None:
-    listed, present = set(entries), set(listing) - {MANIFEST_FILE}
+def _check_file_set(path: Path, entries: dict[str, _Entry], sizes: Mapping[str, int]) -> None:
+    listed, present = set(entries), set(sizes) - {MANIFEST_FILE}
     missing, extra = sorted(listed - present), sorted(present - listed)
     if missing:
         raise _refuse(path, repr(missing[0]), "is listed in the manifest but missing")
@@ -981,18 +964,76 @@ def _check_file_set(path: Path, entries: dict[str, _Entry], listing: dict[str, o
     if unlisted:
         raise _refuse(path, unlisted[0], "is missing from the manifest")
     for name in DATA_FILES:
-        actual, expected = listing[name].st_size, entries[name].size
+        actual, expected = sizes[name], entries[name].size
         if actual != expected:
             raise _refuse(path, name, f"is {actual} bytes but the manifest says {expected} (truncated or modified)")
+
+
+def check_listing(
+    where: Path | str,
+    sizes: Mapping[str, int],
+    read: Callable[[str, int], bytes],
+    manifest_sha256: str | None = None,
+) -> dict[str, _Entry]:
+    """The checks that need no hashing of the tensor file, over any store: the manifest (at most 1 MiB,
+    strict JSON, plain names; with `manifest_sha256`, the digest a commit marker holds), then the file set
+    and every size against it. `sizes` lists the folder (name -> bytes); `read(name, limit)` returns at
+    most `limit` bytes of a file. A local folder and an object-store prefix are checked by this one code."""
+    if MANIFEST_FILE not in sizes:
+        raise _refuse(
+            where,
+            MANIFEST_FILE,
+            "is missing (the save or upload never completed, or this is not a yolo-resume checkpoint)",
+            "resume from an earlier checkpoint",
+        )
+    if sizes[MANIFEST_FILE] > MANIFEST_MAX_BYTES:
+        raise _refuse(where, MANIFEST_FILE, f"is larger than the {MANIFEST_MAX_BYTES} byte limit")
+    data = read(MANIFEST_FILE, MANIFEST_MAX_BYTES + 1)
+    if manifest_sha256 is not None and hashlib.sha256(data).hexdigest() != manifest_sha256:
+        raise _refuse(where, MANIFEST_FILE, "SHA-256 does not match the commit marker (modified after the commit)")
+    try:
+        doc = _loads_strict(data)
+    except ValueError as exc:
+        raise _refuse(where, MANIFEST_FILE, f"is not strict JSON: {exc}") from None
+    entries = _parse_manifest(where, doc)
+    _check_file_set(where, entries, sizes)
+    return entries
+
+
+def read_listed_meta(
+    where: Path | str,
+    sizes: Mapping[str, int],
+    read: Callable[[str, int], bytes],
+    manifest_sha256: str | None = None,
+) -> dict:
+    """meta.json after `check_listing` and a check of its own bytes against the manifest."""
+    entries = check_listing(where, sizes, read, manifest_sha256)
+    return _decode_meta(_parse_json_file(where, META_FILE, _read_listed(where, META_FILE, entries[META_FILE], read)))
+
+
+def _read_listed(where: Path | str, name: str, entry: _Entry, read: Callable[[str, int], bytes]) -> bytes:
+    """Read a JSON file whole and check the very bytes that will be parsed against the manifest."""
+    if entry.size > JSON_MAX_BYTES:
+        raise _refuse(where, name, f"is larger than the {JSON_MAX_BYTES} byte limit")
+    data = read(name, entry.size + 1)
+    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise _refuse(where, name, "SHA-256 does not match the manifest (file is corrupt or was modified)")
+    return data
+
+
+def _local_reader(path: Path) -> Callable[[str, int], bytes]:
+    def read(name: str, limit: int) -> bytes:
+        with _open_regular(path / name) as file:
+            return _read_exact(file, limit)
+
+    return read
 
 
 def _check_structure(path: Path) -> dict[str, _Entry]:
     """Everything that needs no hashing: folder, listing, manifest, file names, file set, sizes."""
     _check_folder(path)
-    listing = _list_files(path)
-    entries = _read_manifest(path, listing)
-    _check_file_set(path, entries, listing)
-    return entries
+    sizes = {name: info.st_size for name, info in _list_files(path).items()}
+    return check_listing(path, sizes, _local_reader(path))
 
 
 def _check_tensor_file_digest(path: Path, entry: _Entry) -> None:
@@ -1005,17 +1046,6 @@ def _check_tensor_file_digest(path: Path, entry: _Entry) -> None:
             total += count
     if total != entry.size or digest.hexdigest() != entry.sha256:
         raise _refuse(path, TENSORS_FILE, "SHA-256 does not match the manifest (file is corrupt or was modified)")
-
-
-def _read_small_file(path: Path, name: str, entry: _Entry) -> bytes:
-    """Read a JSON file whole and check the very bytes that will be parsed against the manifest."""
-    if entry.size > JSON_MAX_BYTES:
-        raise _refuse(path, name, f"is larger than the {JSON_MAX_BYTES} byte limit")
-    with _open_regular(path / name) as file:
-        data = _read_exact(file, entry.size + 1)
-    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise _refuse(path, name, "SHA-256 does not match the manifest (file is corrupt or was modified)")
-    return data
 
 
 def _parse_json_file(path: Path, name: str, data: bytes) -> Any:
@@ -1122,8 +1152,9 @@ def _verify(path: Path) -> tuple[Any, dict]:
     """Full verification; returns (skeleton, meta) so that loading does not parse twice."""
     entries = _check_structure(path)
     _check_tensor_file_digest(path, entries[TENSORS_FILE])
-    state_bytes = _read_small_file(path, STATE_FILE, entries[STATE_FILE])
-    meta_bytes = _read_small_file(path, META_FILE, entries[META_FILE])
+    read = _local_reader(path)
+    state_bytes = _read_listed(path, STATE_FILE, entries[STATE_FILE], read)
+    meta_bytes = _read_listed(path, META_FILE, entries[META_FILE], read)
     header = _read_header(path, entries[TENSORS_FILE].size)
     skeleton = _parse_json_file(path, STATE_FILE, state_bytes)
     meta = _decode_meta(_parse_json_file(path, META_FILE, meta_bytes))
@@ -1147,9 +1178,9 @@ def read_meta(path: Path) -> dict:
     Does not hash the tensor file: use it to list checkpoints; `load_checkpoint` verifies everything."""
     path = Path(path)
     with _reading(path):
-        entries = _check_structure(path)
-        data = _read_small_file(path, META_FILE, entries[META_FILE])
-        return _decode_meta(_parse_json_file(path, META_FILE, data))
+        _check_folder(path)
+        sizes = {name: info.st_size for name, info in _list_files(path).items()}
+        return read_listed_meta(path, sizes, _local_reader(path))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:

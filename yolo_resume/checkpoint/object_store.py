@@ -25,53 +25,35 @@ non-secret options (validated in `config.py`), and messages are scrubbed of URL 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .format import DATA_FILES, MANIFEST_FILE, _crash_point
+from .format import DATA_FILES, MANIFEST_FILE, _crash_point, _pid_alive, read_listed_meta, verify_checkpoint
+from .store import NAME_RE, PIN_SUFFIX, SUPERSEDED, Entry
 
 COMMIT_SUFFIX = ".committed"
-PIN_SUFFIX = ".pin"
 MARKER_FORMAT = "yolo-resume-remote-commit"
 MARKER_VERSION = 1
 MARKER_MAX_BYTES = 64 << 10
 CHECKPOINT_FILES = (*DATA_FILES, MANIFEST_FILE)  # upload order: the manifest last
 READBACK_MAX_BYTES = 1 << 20  # uploaded files up to this size are read back and hashed; larger: size only
 
-# Test-only crash injection (same switch as format.py's: YOLO_RESUME_TEST_KILL_AT=stage[:N]).
-REMOTE_KILL_STAGES = ("upload_started", "before_marker", "after_marker")
-
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _USERINFO_RE = re.compile(r"(://)[^/@\s]+@")
 _CREDENTIAL_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
-
-
-def is_remote(location: str | Path | None) -> bool:
-    """True for an fsspec URL other than a local file (`s3://b/p`, `gs://b/p`, `memory://p`).
-
-    A `pathlib.Path` is always local: turning an URL into a Path collapses `s3://` into `s3:/`."""
-    if location is None or isinstance(location, Path):
-        return False
-    match = _SCHEME_RE.match(str(location))
-    return bool(match) and match.group(1).lower() not in ("file", "local")
-
-
-def local_path(location: str | Path) -> Path:
-    """A local location as a Path (`file:///a/b` -> `/a/b`)."""
-    text = str(location)
-    for prefix in ("file://", "local://"):
-        if text.startswith(prefix):
-            return Path(text[len(prefix) :])
-    return Path(location)
 
 
 def redact(text: str) -> str:
@@ -98,6 +80,7 @@ class RemoteError(CheckpointError):
 
     def __init__(self, action: str, url: str, reason: str, fix: str, missing: bool = False):
         self.action, self.url, self.reason, self.fix, self.missing = action, url, reason, fix, missing
+        self.unavailable = not missing  # the service failed, not the checkpoint (see store.py)
         super().__init__(f"{action} {url} failed: {reason}; {fix}")
 
 
@@ -130,32 +113,29 @@ def modified_time(info: dict) -> float | None:
     return None
 
 
-def _fingerprint(info: dict) -> tuple:
-    """What identifies one version of an object in a listing (a changed object changes it)."""
-    return (info.get("size"), info.get("ETag") or info.get("etag") or info.get("md5Hash"), modified_time(info))
+class ObjectStore:
+    """A checkpoint prefix in object storage, reached through fsspec (a `store.Store`)."""
 
-
-class RemoteStore:
-    """A checkpoint prefix in object storage, reached through fsspec."""
-
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, retry: Retry | None = None):
-        self.url = str(url).rstrip("/")
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        staging_dir: Path | None = None,
+        retry: Retry | None = None,
+        fs: Any = None,
+    ):
+        """`fs`: an fsspec filesystem to reach the URL with instead of the one fsspec picks for it
+        (tests put a fault-injecting wrapper here)."""
+        self.url = self.location = str(url).rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self._staging_dir = Path(staging_dir) if staging_dir is not None else None
+        self._listing: Listing | None = None  # the newest listing, read by read_meta/delete
+        self._meta_cache: dict[tuple, dict] = {}  # listing fingerprint of a checkpoint -> its checked meta.json
         self.retry = retry or Retry()
-        try:
-            import fsspec.core
-        except ImportError:  # pragma: no cover - fsspec is a dependency
-            raise CheckpointError(f"ckpt.dir {self.url} needs fsspec; pip install fsspec") from None
-        try:
-            self.fs, root = fsspec.core.url_to_fs(self.url, **dict(storage_options or {}))
-        except ImportError as exc:
-            raise CheckpointError(
-                f"ckpt.dir {self.url} needs a storage backend that is not installed ({_one_line(exc)}); "
-                "install it, e.g. `pip install 'yolo-resume[s3]'` for s3://"
-            ) from None
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(
-                f"ckpt.dir {self.url} cannot be opened: {_one_line(exc)}; check ckpt.dir and ckpt.storage_options"
-            ) from None
+        if fs is not None:
+            self.fs, root = fs, fs._strip_protocol(self.url)
+        else:
+            self.fs, root = _open_filesystem(self.url, self.storage_options)
         self.root = root.rstrip("/")
         self.bucket = self.root.split("/", 1)[0]
 
@@ -166,11 +146,15 @@ class RemoteStore:
     def url_of(self, *parts: str) -> str:
         return "/".join((self.url, *parts))
 
-    def name_of(self, url: str) -> str | None:
-        """The checkpoint name of `url` when it lies directly under this prefix."""
-        url = str(url).rstrip("/")
-        parent, _, name = url.rpartition("/")
-        return name if parent == self.url else None
+    def where(self, name: str) -> str:
+        return self.url_of(name)
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.url!r})"
+
+    def address(self) -> dict[str, Any]:
+        staging = str(self._staging_dir) if self._staging_dir is not None else None
+        return {"location": self.url, "storage_options": self.storage_options, "staging_dir": staging}
 
     # -- the retried call ------------------------------------------------------------------------
     def call(self, action: str, url: str, fn: Callable, *args, missing_ok: bool = False, **kwargs) -> Any:
@@ -280,7 +264,7 @@ class RemoteStore:
             self.call("downloading", url, self.fs.get_file, self.path(name, file), str(dest / file))
 
     # -- writing ---------------------------------------------------------------------------------
-    def commit(self, name: str, local: Path, listing: Listing | None = None) -> None:
+    def _upload(self, name: str, local: Path, listing: Listing | None = None) -> None:
         """Upload the verified local checkpoint folder `local` as `name`, then write its marker."""
         listing = listing if listing is not None else self.scan()
         if name in listing.markers:  # a committed checkpoint of this step (resumed from further back)
@@ -324,13 +308,13 @@ class RemoteStore:
     def _move_aside(self, name: str, listing: Listing) -> None:
         """Keep an existing committed checkpoint under another (invisible) name rather than overwrite
         it: copy it server-side, then uncommit it (marker first), like the local rename aside."""
-        aside = f"{name}.superseded-{int(time.time())}"
+        aside = f"{name}{SUPERSEDED}{int(time.time())}"
         for rel in listing.files.get(name, {}):
             url = self.url_of(aside, rel)
             self.call("copying", url, self.fs.copy, self.path(name, rel), self.path(aside, rel))
         self.call("uncommitting", self.url_of(name + COMMIT_SUFFIX), self.fs.rm_file, self.path(name + COMMIT_SUFFIX))
 
-    def delete(self, name: str, listing: Listing | None = None) -> None:
+    def _delete(self, name: str, listing: Listing | None = None) -> None:
         """Marker first, so a kill mid-delete leaves an invisible uncommitted folder, never half a checkpoint."""
         self.call(
             "deleting",
@@ -343,12 +327,12 @@ class RemoteStore:
         if files:
             self.call("deleting", self.url_of(name), self.fs.rm, [self.path(name, rel) for rel in files])
 
-    def remove_uncommitted(self, listing: Listing, older_than: float | None) -> list[str]:
+    def _remove_uncommitted(self, listing: Listing, older_than: float | None) -> list[str]:
         """Remove checkpoint folders that have no marker (killed uploads and deletions) whose objects
         are all older than `older_than` (server time), so a concurrent writer elsewhere is spared."""
         removed = []
         for folder, files in listing.files.items():
-            if folder in listing.markers or not folder.startswith("ckpt-") or ".superseded-" in folder:
+            if folder in listing.markers or not folder.startswith("ckpt-") or SUPERSEDED in folder:
                 continue
             times = [modified_time(info) for info in files.values()]
             if older_than is None or any(t is None or t >= older_than for t in times):
@@ -357,12 +341,194 @@ class RemoteStore:
             removed.append(folder)
         return removed
 
-    def pin(self, name: str, pinned: bool) -> None:
+    def _set_pin(self, name: str, pinned: bool) -> None:
         path, url = self.path(name + PIN_SUFFIX), self.url_of(name + PIN_SUFFIX)
         if pinned:
             self.call("pinning", url, self.fs.pipe_file, path, b"")
         else:
             self.call("unpinning", url, self.fs.rm_file, path, missing_ok=True)
+
+    # -- the Store protocol ----------------------------------------------------------------------
+    def entries(self) -> dict[str, Entry]:
+        listing = self._rescan()
+        return {name: self._entry(name, listing) for name in sorted(listing.markers) if NAME_RE.match(name)}
+
+    def entry(self, name: str) -> Entry:
+        listing = self._rescan()
+        self._require_committed(name, listing)
+        return self._entry(name, listing)
+
+    def read_meta(self, name: str) -> dict:
+        """The cheap checks of `format.read_listed_meta` against the listing and the commit marker,
+        cached per version of the objects (a listing of many checkpoints reads each meta.json once)."""
+        listing = self._listing_of(name)
+        files = listing.files.get(name, {})
+        key = (name, _object_key(listing.markers[name]), tuple(sorted((f, _object_key(i)) for f, i in files.items())))
+        if key not in self._meta_cache:
+            url = self.url_of(name)
+            nested = sorted(f for f in files if "/" in f)
+            if nested:
+                raise CheckpointError(
+                    f"checkpoint {url}: {nested[0]!r}: unexpected entry that is not a regular file; "
+                    "the checkpoint is corrupt or was tampered with; resume from an earlier checkpoint"
+                )
+            sizes = {f: int(info.get("size") or 0) for f, info in files.items()}
+            expected = self.read_marker(name)
+            self._meta_cache[key] = read_listed_meta(
+                url, sizes, lambda file, limit: self.cat(name, file)[:limit], manifest_sha256=expected
+            )
+        return self._meta_cache[key]
+
+    def verify(self, name: str) -> None:
+        """Download every file, check the manifest against the marker, then verify every byte. The
+        verified copy is kept (only the newest one) for `open`, so a resume downloads once."""
+        self.read_meta(name)  # the cheap checks first: refuse a wrong file set before downloading
+        downloads = self.staging_dir() / DOWNLOADS
+        with self._verified_download(name) as part:
+            for old in downloads.glob("ckpt-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(part, downloads / name)
+            except OSError:  # a concurrent reader put its own copy there first: that one serves
+                pass
+
+    @contextmanager
+    def open(self, name: str) -> Iterator[Path]:
+        """A verified local copy private to this call (other processes, e.g. the ranks of a DDP job, get
+        their own): the copy `verify` kept when its manifest still matches the marker (claimed by an
+        atomic rename: one claimant wins, the others download), else a fresh download. Errors about
+        the copy name the checkpoint's URL."""
+        url = self.url_of(name)
+        expected = self.read_marker(name)
+        downloads = self.staging_dir() / DOWNLOADS
+        private = downloads / f".claim-{name}-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(private, ignore_errors=True)
+        try:
+            claimed = False
+            try:
+                os.rename(downloads / name, private)
+                claimed = hashlib.sha256((private / MANIFEST_FILE).read_bytes()).hexdigest() == expected
+            except OSError:
+                pass
+            if not claimed:
+                shutil.rmtree(private, ignore_errors=True)
+                self._require_committed(name, self._rescan())
+                self.read_meta(name)
+                with self._verified_download(name) as part:
+                    os.rename(part, private)
+            with _reported_as(private, url):
+                yield private
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+
+    def commit(self, name: str, state: dict, meta: dict) -> None:
+        """Write locally (fsynced, verified) into the staging folder, upload, check, commit by the marker."""
+        from .format import write_checkpoint
+
+        staging = self.staging_dir()
+        staging.mkdir(parents=True, exist_ok=True)
+        for entry in staging.iterdir():  # staged copies of saves that were killed: scratch
+            if NAME_RE.match(entry.name):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        local = staging / name
+        write_checkpoint(staging, name, state, meta)
+        try:
+            self._upload(name, local, self.scan())
+        except RemoteError as exc:
+            raise CheckpointError(
+                f"saving checkpoint {name} to {self.url} failed while {exc.action} {exc.url}: {exc.reason}; "
+                f"committed checkpoints are untouched; {exc.fix}"
+            ) from exc
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def delete(self, name: str) -> None:
+        self._delete(name, self._listing_of(name))
+
+    def pin(self, name: str, pinned: bool) -> None:
+        if pinned:
+            self._require_committed(name, self._rescan())
+        self._set_pin(name, pinned)
+
+    def sweep(self, committed: str) -> None:
+        """Unfinished uploads and deletions older than the commit of `committed` (server time) are garbage."""
+        listing = self._rescan()
+        marker = listing.markers.get(committed)
+        self._remove_uncommitted(listing, modified_time(marker) if marker else None)
+
+    def staging_dir(self) -> Path:
+        """Local scratch for uploads and downloads (`<run>/.staging`, else a private temporary folder)."""
+        if self._staging_dir is None:
+            self._staging_dir = Path(tempfile.mkdtemp(prefix="yolo-resume-staging-"))
+            atexit.register(shutil.rmtree, self._staging_dir, True)
+        return self._staging_dir
+
+    def _rescan(self) -> Listing:
+        self._listing = self.scan()
+        return self._listing
+
+    def _listing_of(self, name: str) -> Listing:
+        """The newest listing when it holds `name`, else a fresh one; CheckpointError when not committed."""
+        listing = self._listing
+        if listing is None or name not in listing.markers:
+            listing = self._rescan()
+        self._require_committed(name, listing)
+        return listing
+
+    def _require_committed(self, name: str, listing: Listing) -> None:
+        if name not in listing.markers:
+            raise CheckpointError(f"no committed checkpoint {self.url_of(name)}; see `yolo-resume ckpt list`")
+
+    @staticmethod
+    def _entry(name: str, listing: Listing) -> Entry:
+        mtime = modified_time(listing.markers[name])
+        return Entry(name, listing.folder_size(name), mtime if mtime is not None else 0.0, name in listing.pins)
+
+    @contextmanager
+    def _verified_download(self, name: str) -> Iterator[Path]:
+        """A download of `name` into a private `.part-` folder, checked against the marker and verified
+        byte for byte; removed afterwards unless the caller renamed it away."""
+        url = self.url_of(name)
+        downloads = self.staging_dir() / DOWNLOADS
+        part = downloads / f".part-{name}-{os.getpid()}-{threading.get_ident()}"
+        _remove_dead_downloads(downloads)
+        shutil.rmtree(part, ignore_errors=True)
+        try:
+            self.download(name, CHECKPOINT_FILES, part)
+            expected = self.read_marker(name)
+            if hashlib.sha256((part / MANIFEST_FILE).read_bytes()).hexdigest() != expected:
+                raise CheckpointError(
+                    f"checkpoint {url}: {MANIFEST_FILE}: SHA-256 does not match the commit marker (modified after "
+                    "the commit); the checkpoint is corrupt or was tampered with; resume from an earlier checkpoint"
+                )
+            with _reported_as(part, url):
+                verify_checkpoint(part)
+            yield part
+        except OSError as exc:  # the local disk of the staging folder
+            raise StagingError(
+                f"checkpoint {url}: could not download it into {downloads}: {exc}; free disk space and try again"
+            ) from exc
+        finally:
+            shutil.rmtree(part, ignore_errors=True)
+
+
+def _open_filesystem(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+    """(filesystem, root path) of an fsspec URL; a missing backend or bad option is one clear line."""
+    try:
+        import fsspec.core
+    except ImportError:  # pragma: no cover - fsspec is a dependency
+        raise CheckpointError(f"ckpt.dir {url} needs fsspec; pip install fsspec") from None
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options)
+    except ImportError as exc:
+        raise CheckpointError(
+            f"ckpt.dir {url} needs a storage backend that is not installed ({_one_line(exc)}); "
+            "install it, e.g. `pip install 'yolo-resume[s3]'` for s3://"
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"ckpt.dir {url} cannot be opened: {_one_line(exc)}; check ckpt.dir and ckpt.storage_options"
+        ) from None
 
 
 def _json(obj: Any) -> bytes:
@@ -410,3 +576,40 @@ def _transient(exc: BaseException) -> bool:
         name = type(exc).__name__
         return not any(word in name for word in ("ParamValidation", "NoRegion", "Credential", "Unknown"))
     return False
+
+
+DOWNLOADS = "downloads"  # in the staging folder: verified copies of remote checkpoints
+
+
+class StagingError(CheckpointError):
+    """The local staging folder failed (e.g. a full disk), not the checkpoint."""
+
+    unavailable = True
+
+
+def _remove_dead_downloads(downloads: Path) -> None:
+    """Downloads (`.part-` / `.claim-<name>-<pid>-<thread>`) of processes that died before removing them."""
+    for entry in [*downloads.glob(".part-*"), *downloads.glob(".claim-*")] if downloads.is_dir() else []:
+        pid = entry.name.split("-")[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _object_key(info: dict) -> tuple:
+    """What identifies one version of an object in a listing (a changed object changes it)."""
+    return (info.get("size"), info.get("ETag") or info.get("etag") or info.get("md5Hash"), modified_time(info))
+
+
+class _reported_as:
+    """Errors about the local copy `local` name the remote checkpoint `url` instead."""
+
+    def __init__(self, local: Path, url: str):
+        self.local, self.url = str(local), url
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, CheckpointError) and self.local in str(exc):
+            raise CheckpointError(str(exc).replace(self.local, self.url)) from None
+        return False
