@@ -357,7 +357,8 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_if_due(self, epoch_end: bool) -> None:
-        context = SaveContext(self.state.epoch, self.state.global_step, epoch_end, self._minutes_due)
+        state = self.state
+        context = SaveContext(state.epoch, state.global_step, epoch_end=epoch_end, minutes_due=self._minutes_due)
         reason = self.saves.should_save(context)
         if reason is not None:
             self.save(reason)
