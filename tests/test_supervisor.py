@@ -41,13 +41,14 @@ def test_classify_exit(code, status, restart, signal_name):
     assert outcome.exit_status == (code if code >= 0 else 128 - code)
 
 
-def test_exit_codes_agree_with_the_trainer():
-    from yolo_resume import trainer
-    from yolo_resume.errors import CheckpointSaveError, UserError
+def test_what_the_supervisor_does_with_each_error_the_trainer_raises():
+    from yolo_resume.distributed import LostRankError
+    from yolo_resume.errors import CheckpointSaveError, ConfigError, DivergedError, ExitCode
 
-    assert sup.EXIT_INTERRUPTED == trainer.EXIT_INTERRUPTED
-    assert sup.EXIT_USAGE == UserError.exit_code and sup.EXIT_SAVE_FAILED == CheckpointSaveError.exit_code
-    assert sup.EXIT_DIVERGED == getattr(trainer, "EXIT_DIVERGED", 65)
+    errors = (ConfigError, DivergedError, CheckpointSaveError, LostRankError)
+    restarted = [classify_exit(cls.exit_code).restart for cls in errors]
+    assert restarted == [False, False, True, True]  # a restart cannot fix a config or a divergence
+    assert classify_exit(ExitCode.INTERRUPTED).status == classify_exit(ExitCode.ABORTED).status == "interrupted"
 
 
 def test_backoff_doubles_and_is_capped():

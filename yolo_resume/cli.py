@@ -117,30 +117,30 @@ def train(
                 warn=warn,
             )
         )
-    from .session import run_training
+    from .errors import ExitCode
+    from .session import TrainRequest, run_training
 
+    request = TrainRequest(
+        config=config,
+        run_dir=run_dir,
+        overrides=tuple(set_),
+        epochs=epochs,
+        device=device,
+        resume=resume or resume_from is not None,
+        resume_from=resume_from,
+        quiet=quiet,
+        allow_drift=allow_drift,
+        stop_after_steps=stop_after_steps,
+        tensorboard=tensorboard,
+        init_weights=init_weights,
+        trust_pickle=trust_pickle,
+    )
     try:
-        code = run_training(
-            config=config,
-            run_dir=run_dir,
-            overrides=set_,
-            epochs=epochs,
-            device=device,
-            resume=resume or resume_from is not None,
-            resume_from=resume_from,
-            quiet=quiet,
-            say=out.print,
-            warn=warn,
-            allow_drift=allow_drift,
-            tensorboard=tensorboard,
-            init_weights=init_weights,
-            trust_pickle=trust_pickle,
-            stop_after_steps=stop_after_steps,
-        )
+        code = run_training(request, say=out.print, warn=warn)
     except KeyboardInterrupt:
         # Second Ctrl-C: abort at once (click would turn this into "Aborted!" and exit 1).
         err.print("aborted. Resume from the newest checkpoint with: yolo-resume train --resume")
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.ABORTED) from None
     raise typer.Exit(code)
 
 

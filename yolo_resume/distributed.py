@@ -21,16 +21,16 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import ExitCode, UserError
 
-# sysexits EX_PROTOCOL: the job lost a rank. Not a usage error: a supervisor should restart it.
-EXIT_LOST_RANK = 76
 STARTUP_TIMEOUT_S = 600.0  # the default group's timeout, before the run's config is known
 _SKELETON = "__skeleton__"  # key of the JSON skeleton in a gathered safetensors blob
 
 
 class LostRankError(UserError):
-    exit_code = EXIT_LOST_RANK
+    """A collective timed out or lost its peer. Not a usage error: a supervisor should restart the job."""
+
+    exit_code = ExitCode.LOST_RANK
 
 
 class QuietExit(SystemExit):

@@ -13,13 +13,13 @@ import os
 from pathlib import Path
 
 from .provenance import utc_now
+from .run_dir import RunDir
 
-SEGMENTS_FILE = "segments.jsonl"
 KILLED = "killed (no clean exit: SIGKILL, OOM killer, power loss or machine crash)"
 
 
 def read_segments(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / SEGMENTS_FILE
+    path = RunDir(run_dir).segments_file
     if not path.exists():
         return []
     records = []
@@ -48,7 +48,7 @@ def last_segment_status(run_dir: Path) -> str | None:
 
 class SegmentLog:
     def __init__(self, run_dir: Path, segment: int, resumed_from: str | None):
-        self.path = Path(run_dir) / SEGMENTS_FILE
+        self.path = RunDir(run_dir).segments_file
         self.segment = segment
         self.base = {"segment": segment, "pid": os.getpid()}
         self._append({"event": "start", "resumed_from": resumed_from})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -15,68 +16,79 @@ from .checkpoint.manager import CheckpointInfo, inspect
 from .config import Config, apply_overrides, from_dict, from_stored, legacy_recipe, load_config, set_key
 from .distributed import Distributed, is_collective_failure
 from .drift import BREAKING, Drift, config_drift, environment_drift
-from .errors import UserError
-from .lineage import SegmentLog
+from .errors import ExitCode, UserError
+from .hardware import check_world_size
 from .provenance import utc_now
-from .runs import CONFIG_FILE, find_resume_point, has_checkpoints, most_recent_run, new_run_dir
-from .trainer import EXIT_INTERRUPTED, Trainer, check_world_size, truncate_step_log
+from .run_dir import RunDir
+from .runs import find_resume_point, has_checkpoints, most_recent_run, new_run_dir
+from .trainer import Trainer
 
 
-def run_training(
-    config: Path | None,
-    run_dir: Path | None,
-    overrides: list[str],
-    epochs: int | None,
-    device: str | None,
-    resume: bool,
-    resume_from: Path | None,
-    quiet: bool,
-    say: Callable,
-    warn: Callable[[str], None],
-    allow_drift: bool = False,
-    stop_after_steps: int | None = None,
-    tensorboard: bool = False,
-    init_weights: Path | None = None,
-    trust_pickle: bool = False,
-) -> int:
+@dataclass(frozen=True)
+class TrainRequest:
+    """What `yolo-resume train` was asked to do (the CLI's options, as given)."""
+
+    config: Path | None = None
+    run_dir: Path | None = None
+    overrides: tuple[str, ...] = ()  # --set KEY=VALUE
+    epochs: int | None = None
+    device: str | None = None
+    resume: bool = False  # --resume, or --resume-from given
+    resume_from: str | Path | None = None  # a checkpoint folder or URL
+    quiet: bool = False
+    allow_drift: bool = False
+    stop_after_steps: int | None = None  # `doctor`
+    tensorboard: bool = False
+    init_weights: Path | None = None
+    trust_pickle: bool = False
+
+
+@dataclass
+class Plan:
+    """Rank 0's decisions, sent to the other ranks as JSON: the run folder, its config, what to resume."""
+
+    run_dir: Path
+    config: dict  # the config to train with (Config.to_dict)
+    stored: dict | None  # the config the checkpoint was saved with, on resume
+    checkpoint: str | None  # the checkpoint to resume, or None for a fresh start
+    complete: bool  # the checkpoint already finished every epoch: nothing to train
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"run_dir": str(self.run_dir)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Plan:
+        return cls(**(data | {"run_dir": Path(data["run_dir"])}))
+
+
+def run_training(request: TrainRequest, say: Callable, warn: Callable[[str], None]) -> int:
     """Train in this process: alone, or as one rank of a torchrun job (which rank 0 speaks for)."""
-    if resume and init_weights is not None:
+    if request.resume and request.init_weights is not None:
         raise UserError("--init-weights starts a new run; a resumed run continues from its own checkpoint")
     dist = Distributed.from_env()
-    if not dist.is_main:
-        say = warn = _silent
-    plan, code = None, 1
+    session = Session(request, dist, say, warn) if dist.is_main else Session(request, dist, _silent, _silent)
+    plan, code = None, ExitCode.FAILED
     try:
-        plan = dist.decide(
-            lambda: _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, warn, dist.world_size)
-        )
-        if plan["complete"]:
-            code = 0
-        else:
-            code = _train(
-                dist, plan, quiet, say, warn, allow_drift, stop_after_steps, tensorboard, init_weights, trust_pickle
-            )
+        plan = Plan.from_json(dist.decide(lambda: session.plan().to_json()))
+        code = ExitCode.OK if plan.complete else session.train(plan)
         return code
     except UserError as exc:
         code = exc.exit_code
         raise
     except KeyboardInterrupt:
-        code = 130
+        code = ExitCode.ABORTED
         raise
     except Exception as exc:
         if dist.enabled and is_collective_failure(exc):
-            hint = f"Resume with: yolo-resume train --resume --run-dir {plan['run_dir']}" if plan else ""
+            hint = f"Resume with: yolo-resume train --resume --run-dir {plan.run_dir}" if plan else ""
             failure = dist.collective_failure(exc, hint)
             code = failure.exit_code
             raise failure from None
         raise
     finally:
         if dist.enabled and dist.is_main and plan:
-            write_last_exit(Path(plan["run_dir"]), code)
+            write_last_exit(plan.run_dir, code)
         dist.close()
-
-
-LAST_EXIT_FILE = "last_exit.json"
 
 
 def write_last_exit(run_dir: Path, code: int) -> None:
@@ -84,66 +96,155 @@ def write_last_exit(run_dir: Path, code: int) -> None:
     would hide a config error (2), a divergence (65) or a graceful stop (75)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / LAST_EXIT_FILE).write_text(json.dumps({"code": code, "time": utc_now()}) + "\n")
+        RunDir(run_dir).last_exit_file.write_text(json.dumps({"code": int(code), "time": utc_now()}) + "\n")
     except OSError:
         pass  # a full disk must not replace the real error
 
 
-def _plan(config, run_dir, overrides, epochs, device, resume, resume_from, say, warn, world_size) -> dict:
-    """Rank 0's decisions, as JSON for the other ranks: run folder, config, checkpoint to resume."""
-    if not resume and _torchrun_restarted(run_dir):
-        say(f"torchrun restarted this job: resuming run {run_dir} from its newest valid checkpoint")
-        resume = True
-    run_dir, cfg, info = _choose_run(config, run_dir, resume, resume_from, say, warn)
-    stored = info.meta["config"] if info is not None else None
-    if stored is not None:
-        from_stored(stored, source=f"checkpoint {info.path}")  # a stored config that no longer loads: say so now
-    if stored is not None and config:
-        _keep_stored_recipe(cfg, Path(config), stored)
-    _apply_cli_settings(cfg, overrides, epochs, device)
-    if stored is not None:
-        _keep_resolved_optimizer(cfg, from_stored(stored, source=f"checkpoint {info.path}"))
-    check_world_size(cfg, world_size)
-    complete = info is not None and _is_complete(info, cfg)
-    if complete:
-        say(
-            f"run {run_dir} is complete ({info.get('epoch')} of {cfg.train.epochs} epochs); "
-            "pass --epochs N with a larger N to train further"
+class Session:
+    """One process's part of a `train` command; `say`/`warn` print (nothing on ranks other than 0)."""
+
+    def __init__(self, request: TrainRequest, dist: Distributed, say: Callable, warn: Callable[[str], None]):
+        self.request, self.dist, self.say, self.warn = request, dist, say, warn
+
+    # -- the plan (rank 0) ------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        """Rank 0's decisions: run folder, config, checkpoint to resume."""
+        request = self.request
+        resume = request.resume
+        if not resume and _torchrun_restarted(request.run_dir):
+            self.say(f"torchrun restarted this job: resuming run {request.run_dir} from its newest valid checkpoint")
+            resume = True
+        run_dir, cfg, info = self._choose_run(resume)
+        stored = info.meta["config"] if info is not None else None
+        if stored is not None:
+            from_stored(stored, source=f"checkpoint {info.path}")  # a stored config that no longer loads: say so now
+        if stored is not None and request.config:
+            _keep_stored_recipe(cfg, Path(request.config), stored)
+        _apply_cli_settings(cfg, list(request.overrides), request.epochs, request.device)
+        if stored is not None:
+            _keep_resolved_optimizer(cfg, from_stored(stored, source=f"checkpoint {info.path}"))
+        check_world_size(cfg, self.dist.world_size)
+        complete = info is not None and _is_complete(info, cfg)
+        if complete:
+            self.say(
+                f"run {run_dir} is complete ({info.get('epoch')} of {cfg.train.epochs} epochs); "
+                "pass --epochs N with a larger N to train further"
+            )
+        return Plan(
+            run_dir=Path(run_dir),
+            config=cfg.to_dict(),
+            stored=from_stored(stored, source=f"checkpoint {info.path}").to_dict() if stored is not None else None,
+            checkpoint=str(info.path) if info is not None else None,
+            complete=complete,
         )
-    return {
-        "run_dir": str(run_dir),
-        "config": cfg.to_dict(),
-        "stored": from_stored(stored, source=f"checkpoint {info.path}").to_dict() if stored is not None else None,
-        "checkpoint": str(info.path) if info is not None else None,
-        "complete": complete,
-    }
 
-
-def _train(dist, plan, quiet, say, warn, allow_drift, stop_after_steps, tensorboard, init_weights, trust_pickle):
-    run_dir, cfg = Path(plan["run_dir"]), from_dict(plan["config"])
-    info = inspect(plan["checkpoint"], storage_options=cfg.ckpt.storage_options) if plan["checkpoint"] else None
-    trainer = Trainer(cfg, run_dir, quiet=quiet, dist=dist)
-    if info is not None:
-        stored = from_dict(plan["stored"])
-        dist.decide(lambda: _check_resume(trainer, info, stored, allow_drift, say, warn))
-        trainer.resume(info)
-    else:
-        _start_fresh(trainer, init_weights, trust_pickle, say)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
-    trainer.stop_after_steps = stop_after_steps
-    if tensorboard and dist.is_main:
-        trainer.enable_tensorboard()
-
-    code = _fit_with_segment_log(trainer, info)
-    if code == EXIT_INTERRUPTED:
-        say(
-            f"stopped by {trainer.stop_signal} after global step {trainer.state.global_step}; checkpoint saved. "
-            f"Resume with: yolo-resume train --resume --run-dir {run_dir}"
+    def _choose_run(self, resume: bool) -> tuple[Path, Config, CheckpointInfo | None]:
+        """(run folder, config, checkpoint to resume or None). On resume the config is the run's own,
+        unless the user hands in an edited one (then the drift table shows what changed)."""
+        config, run_dir = self.request.config, self.request.run_dir
+        if not resume:
+            stem = Path(config).stem if config else "demo"
+            return _fresh_run_dir(run_dir, stem, self.say), load_config(config), None
+        run_dir, info = find_resume_point(run_dir, self.request.resume_from, self.warn)
+        cfg = load_config(config) if config else from_stored(info.meta["config"], source=f"checkpoint {info.path}")
+        self.say(
+            f"resuming run [bold]{run_dir}[/bold] from {info.name} (epoch {info.get('epoch')}, "
+            f"step {info.get('step_in_epoch')} of the epoch, global step {info.get('global_step')})"
         )
-    else:
-        say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
+        return run_dir, cfg, info
+
+    # -- training (every rank) --------------------------------------------------------------------
+    def train(self, plan: Plan) -> int:
+        request, run_dir, cfg = self.request, plan.run_dir, from_dict(plan.config)
+        info = inspect(plan.checkpoint, storage_options=cfg.ckpt.storage_options) if plan.checkpoint else None
+        trainer = Trainer(cfg, run_dir, quiet=request.quiet, dist=self.dist)
+        if info is not None:
+            stored = from_dict(plan.stored)
+            self.dist.decide(lambda: self._check_resume(trainer, info, stored))
+            trainer.resume(info)
+        else:
+            self._start_fresh(trainer)
+        if self.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            RunDir(run_dir).config_file.write_text(cfg.to_yaml())
+        trainer.stop_after_steps = request.stop_after_steps
+        if request.tensorboard:
+            trainer.log.enable_tensorboard(trainer.state.global_step)
+
+        code = _fit_and_log_the_end(trainer, info.name if info else None)
+        if code == ExitCode.INTERRUPTED:
+            self.say(
+                f"stopped by {trainer.stop_signal} after global step {trainer.state.global_step}; checkpoint saved. "
+                f"Resume with: yolo-resume train --resume --run-dir {run_dir}"
+            )
+        else:
+            self.say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
+        return code
+
+    def _check_resume(self, trainer: Trainer, info: CheckpointInfo, stored: Config) -> None:
+        drifts = config_drift(stored.to_dict(), trainer.cfg.to_dict())
+        drifts += environment_drift(info.meta, trainer.environment())
+        self._check_drift(drifts)
+        if trainer.cfg.train.epochs != info.get("epochs"):
+            self.say(
+                f"re-planning the LR schedule for {trainer.cfg.train.epochs} epochs (was {info.get('epochs')}) "
+                f"from global step {info.get('global_step')}"
+            )
+
+    def _check_drift(self, drifts: list[Drift]) -> None:
+        if not drifts:
+            return
+        table = Table(title="differences from the checkpoint")
+        for column in ("what", "checkpoint", "now", "class", "note"):
+            table.add_column(column)
+        colors = {"harmless": "green", "schedule": "yellow", "breaking": "red"}
+        for d in drifts:
+            table.add_row(
+                escape(d.what),
+                escape(str(d.stored)),
+                escape(str(d.current)),
+                f"[{colors[d.kind]}]{d.kind}[/]",
+                escape(d.note),
+            )
+        self.say(table)
+        breaking = [d.what for d in drifts if d.kind == BREAKING]
+        if breaking and not self.request.allow_drift:
+            raise UserError(
+                f"refusing to resume: breaking changes to {', '.join(breaking)}; revert them, "
+                "or pass --allow-drift to resume anyway"
+            )
+        if breaking:
+            self.warn(f"resuming despite breaking changes to {', '.join(breaking)} (--allow-drift)")
+
+    def _start_fresh(self, trainer: Trainer) -> None:
+        init_weights = self.request.init_weights
+        if init_weights is not None:
+            transferred, total = trainer.init_weights(init_weights, self.request.trust_pickle)
+            self.say(f"initialised {transferred} of {total} tensors from {init_weights}")
+        self.say(
+            f"training {trainer.cfg.model.cfg} on {trainer.cfg.data.format} data ({len(trainer.train_ds)} train / "
+            f"{len(trainer.val_ds)} val images) on {trainer.device}; run folder [bold]{trainer.run_dir}[/bold]"
+        )
+        if trainer.auto_optimizer:
+            t = trainer.cfg.train
+            self.say(
+                f"optimizer auto: {t.optimizer} (lr0 {t.lr0:g}, momentum {t.momentum:g}), chosen as ultralytics does"
+            )
+
+
+def _fit_and_log_the_end(trainer: Trainer, resumed_from: str | None) -> int:
+    """Train, recording in segments.jsonl that this process started and how it ended (see lineage.py)."""
+    trainer.log.on_start(trainer.state.segment, resumed_from)
+    try:
+        code = trainer.fit()
+    except KeyboardInterrupt:
+        trainer.log.on_end("aborted by a second Ctrl-C")
+        raise
+    except Exception as exc:
+        trainer.log.on_end(f"crashed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        raise
+    trainer.log.on_end("completed" if code == ExitCode.OK else f"stopped by {trainer.stop_signal}")
     return code
 
 
@@ -183,64 +284,6 @@ def plan_run_dir(config: Path | None, run_dir: Path | None, resume: bool, say) -
     return _fresh_run_dir(run_dir, Path(config).stem if config else "demo", say)
 
 
-def _choose_run(config, run_dir, resume, resume_from, say, warn) -> tuple[Path, Config, CheckpointInfo | None]:
-    """(run folder, config, checkpoint to resume or None). On resume the config is the run's own,
-    unless the user hands in an edited one (then the drift table shows what changed)."""
-    if not resume:
-        stem = Path(config).stem if config else "demo"
-        return _fresh_run_dir(run_dir, stem, say), load_config(config), None
-    run_dir, info = find_resume_point(run_dir, resume_from, warn)
-    cfg = load_config(config) if config else from_stored(info.meta["config"], source=f"checkpoint {info.path}")
-    say(
-        f"resuming run [bold]{run_dir}[/bold] from {info.name} (epoch {info.get('epoch')}, "
-        f"step {info.get('step_in_epoch')} of the epoch, global step {info.get('global_step')})"
-    )
-    return run_dir, cfg, info
-
-
-def _check_resume(trainer: Trainer, info: CheckpointInfo, stored: Config, allow_drift: bool, say, warn) -> None:
-    drifts = config_drift(stored.to_dict(), trainer.cfg.to_dict())
-    drifts += environment_drift(info.meta, trainer.environment())
-    _check_drift(drifts, allow_drift, say, warn)
-    if trainer.cfg.train.epochs != info.get("epochs"):
-        say(
-            f"re-planning the LR schedule for {trainer.cfg.train.epochs} epochs (was {info.get('epochs')}) "
-            f"from global step {info.get('global_step')}"
-        )
-
-
-def _start_fresh(trainer: Trainer, init_weights: Path | None, trust_pickle: bool, say) -> None:
-    if trainer.dist.is_main:
-        truncate_step_log(trainer.run_dir / "steps.csv", 0)  # a fresh start owns the run folder's logs
-    if init_weights is not None:
-        transferred, total = trainer.init_weights(init_weights, trust_pickle)
-        say(f"initialised {transferred} of {total} tensors from {init_weights}")
-    say(
-        f"training {trainer.cfg.model.cfg} on {trainer.cfg.data.format} data ({len(trainer.train_ds)} train / "
-        f"{len(trainer.val_ds)} val images) on {trainer.device}; run folder [bold]{trainer.run_dir}[/bold]"
-    )
-    if trainer.auto_optimizer:
-        t = trainer.cfg.train
-        say(f"optimizer auto: {t.optimizer} (lr0 {t.lr0:g}, momentum {t.momentum:g}), chosen as ultralytics does")
-
-
-def _fit_with_segment_log(trainer: Trainer, info: CheckpointInfo | None) -> int:
-    """Train, recording in segments.jsonl how this process ended (see lineage.py)."""
-    if not trainer.dist.is_main:
-        return trainer.fit()
-    segment_log = SegmentLog(trainer.run_dir, trainer.state.segment, info.name if info else None)
-    try:
-        code = trainer.fit()
-    except KeyboardInterrupt:
-        segment_log.end("aborted by a second Ctrl-C")
-        raise
-    except Exception as exc:
-        segment_log.end(f"crashed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-        raise
-    segment_log.end("completed" if code == 0 else f"stopped by {trainer.stop_signal}")
-    return code
-
-
 def _apply_cli_settings(cfg: Config, overrides: list[str], epochs: int | None, device: str | None) -> None:
     apply_overrides(cfg, overrides)
     if epochs is not None:
@@ -252,32 +295,6 @@ def _apply_cli_settings(cfg: Config, overrides: list[str], epochs: int | None, d
 
 def _is_complete(info, cfg: Config) -> bool:
     return int(info.get("epoch", 0)) >= cfg.train.epochs and int(info.get("step_in_epoch", 0)) == 0
-
-
-def _check_drift(drifts: list[Drift], allow_drift: bool, say, warn) -> None:
-    if not drifts:
-        return
-    table = Table(title="differences from the checkpoint")
-    for column in ("what", "checkpoint", "now", "class", "note"):
-        table.add_column(column)
-    colors = {"harmless": "green", "schedule": "yellow", "breaking": "red"}
-    for d in drifts:
-        table.add_row(
-            escape(d.what),
-            escape(str(d.stored)),
-            escape(str(d.current)),
-            f"[{colors[d.kind]}]{d.kind}[/]",
-            escape(d.note),
-        )
-    say(table)
-    breaking = [d.what for d in drifts if d.kind == BREAKING]
-    if breaking and not allow_drift:
-        raise UserError(
-            f"refusing to resume: breaking changes to {', '.join(breaking)}; revert them, "
-            "or pass --allow-drift to resume anyway"
-        )
-    if breaking:
-        warn(f"resuming despite breaking changes to {', '.join(breaking)} (--allow-drift)")
 
 
 def _fresh_run_dir(run_dir: Path | None, stem: str, say) -> Path:

@@ -37,16 +37,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from .alerts import Alerter, newest_checkpoint, signal_name
-from .errors import CheckpointSaveError, UserError
+from .errors import ExitCode
+from .run_dir import RunDir
 from .runs import has_checkpoints
-
-# Exit codes of one training attempt (trainer.py, errors.py, cli.py); tests check they still agree.
-EXIT_OK = 0
-EXIT_USAGE = UserError.exit_code  # 2: bad config, data or checkpoint: a restart fails the same way
-EXIT_DIVERGED = 65  # trainer.EXIT_DIVERGED: the loss diverged deterministically
-EXIT_SAVE_FAILED = CheckpointSaveError.exit_code  # 74: saves kept failing; space may be freed meanwhile
-EXIT_INTERRUPTED = 75  # trainer.EXIT_INTERRUPTED: stopped by SIGTERM/SIGUSR1/Ctrl-C after saving
-EXIT_ABORTED = 130  # cli.train: a second Ctrl-C
 
 BACKOFF_ENV = "YOLO_RESUME_RESTART_BACKOFF_S"
 DEFAULT_BACKOFF_S = 5.0
@@ -77,19 +70,19 @@ class Outcome:
 
 def classify_exit(returncode: int) -> Outcome:
     """Pure: what an attempt's exit status means for the supervisor."""
-    if returncode == EXIT_OK:
+    if returncode == ExitCode.OK:
         return Outcome(returncode, COMPLETED, False, "completed")
-    if returncode == EXIT_INTERRUPTED:
+    if returncode == ExitCode.INTERRUPTED:
         return Outcome(returncode, INTERRUPTED, False, "stopped by a signal after saving a checkpoint (exit 75)")
-    if returncode == EXIT_ABORTED:
+    if returncode == ExitCode.ABORTED:
         return Outcome(returncode, INTERRUPTED, False, "aborted by a second Ctrl-C (exit 130)")
-    if returncode == EXIT_USAGE:
+    if returncode == ExitCode.USAGE:
         return Outcome(
             returncode, FATAL, False, "failed on a usage, config, data or checkpoint error (exit 2; see its message)"
         )
-    if returncode == EXIT_DIVERGED:
+    if returncode == ExitCode.DIVERGED:
         return Outcome(returncode, FATAL, False, "stopped because the loss diverged (exit 65)")
-    if returncode == EXIT_SAVE_FAILED:
+    if returncode == ExitCode.SAVE_FAILED:
         return Outcome(returncode, CRASHED, True, "stopped because checkpoints could not be saved (exit 74)")
     if returncode == -signal.SIGKILL:
         return Outcome(returncode, CRASHED, True, "was killed by SIGKILL (kill -9 or the out-of-memory killer)")
@@ -177,7 +170,7 @@ class Supervisor:
                 message = f"stopped on {self.stop_signal} before attempt {attempt} started"
                 fields = {"returncode": None, "attempt": attempt, "restarts_left": self.max_restarts - restarts}
                 self._event("interrupted", f"{message}; {self._resume_hint(newest_checkpoint(self.run_dir))}", fields)
-                return EXIT_INTERRUPTED
+                return ExitCode.INTERRUPTED
             outcome = classify_exit(returncode)
             newest = newest_checkpoint(self.run_dir)
             left = self.max_restarts - restarts
@@ -186,7 +179,7 @@ class Supervisor:
             if outcome.status == COMPLETED:
                 after = f" after {restarts} restart(s)" if restarts else ""
                 self._event("completed", f"run {self.run_dir} completed on attempt {attempt}{after}", fields)
-                return EXIT_OK
+                return ExitCode.OK
             if self.stop_signal or outcome.status == INTERRUPTED:
                 why = f" (the supervisor got {self.stop_signal})" if self.stop_signal else ""
                 self._event(
@@ -217,7 +210,7 @@ class Supervisor:
                     f"stopped on {self.stop_signal} while waiting to restart; {self._resume_hint(newest)}",
                     fields,
                 )
-                return EXIT_INTERRUPTED
+                return ExitCode.INTERRUPTED
             resuming = has_checkpoints(self.run_dir)
             cmd = self.resume_cmd if resuming else self.first_cmd
             newest = newest_checkpoint(self.run_dir)
@@ -337,9 +330,7 @@ class Supervisor:
 def _reported_exit(run_dir: Path, since: float) -> int | None:
     """Rank 0's own exit code from `last_exit.json` (see session.write_last_exit), if this attempt wrote it:
     torchrun turns every failure into exit 1."""
-    from .session import LAST_EXIT_FILE
-
-    path = Path(run_dir) / LAST_EXIT_FILE
+    path = RunDir(run_dir).last_exit_file
     try:
         if path.stat().st_mtime < since - 1:
             return None

@@ -1,14 +1,11 @@
 """The training loop: short and linear. Everything stateful has state_dict()/load_state_dict(), and a
-checkpoint is the dict of them, so resuming is `load_state_dict` and nothing else."""
+checkpoint is the dict of them, so resuming is `load_state_dict` and nothing else. The run folder's
+logs are the RunLog's, when to save is the SavePolicy's."""
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import signal
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,28 +14,24 @@ from torch.utils.data import DataLoader
 from ultralytics.utils.torch_utils import ModelEMA
 
 from .checkpoint.manager import CheckpointInfo, CheckpointManager
+from .checkpoint.save_policy import SaveContext, SavePolicy
 from .config import Config
 from .data import EpochBatchSampler, build_datasets, collate_fn
 from .distributed import Distributed
-from .errors import CheckpointError, CheckpointSaveError, ConfigError, UserError
+from .errors import CheckpointError, DivergedError, ExitCode
 from .evaluate import evaluate
+from .hardware import check_world_size, resolve_workers, select_device
 from .interop import load_init_weights
 from .lineage import interruption_entry
 from .model import LOSS_NAMES, build_model, compute_loss
 from .optim import LRSchedule, accumulate_at, accumulate_steps, build_optimizer, resolve_optimizer
-from .plots import plot_results
 from .progress import TrainProgress
 from .provenance import git_info, host, versions
+from .run_log import RunLog
 from .seeding import configure_determinism, rng_state, seed_everything, set_rng_state
+from .stopping import StopOnSignals, ignore_stop_signals
 
-# Exit code after a graceful stop on SIGTERM / SIGUSR1 / Ctrl-C: "temporary failure, retry" (sysexits
-# EX_TEMPFAIL). Schedulers restart on non-zero; `yolo-resume train --resume` continues exactly.
-EXIT_INTERRUPTED = 75
-# sysexits EX_DATAERR: the loss kept turning non-finite at the same step; restarting cannot help.
-EXIT_DIVERGED = 65
 NAN_TEST_ENV = "YOLO_RESUME_TEST_NAN_AT"  # tests: "STEP" or "STEP:MARKER" (once, while MARKER is absent)
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-PLOT_EVERY_S = 60.0
 
 
 @dataclass
@@ -63,44 +56,12 @@ class TrainState:
             setattr(self, key, value)
 
 
-class DivergedError(UserError):
-    exit_code = EXIT_DIVERGED
-
-
 class NonFiniteLoss(Exception):
     """The loss of the step about to be trained is NaN or infinite (raised before backward)."""
 
     def __init__(self, global_step: int):
         super().__init__(f"non-finite loss at global step {global_step}")
         self.global_step = global_step
-
-
-def select_device(name: str, local_rank: int | None = None) -> torch.device:
-    """The device to train on; under torchrun each process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device `{name}` requested but CUDA is not available; use --device cpu")
-    if name == "cuda" and local_rank is not None:
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
-def resolve_workers(workers: int, device: torch.device, world_size: int = 1) -> int:
-    """`train.workers`, with -1 (auto) resolved: none on CPU, a few per process on CUDA."""
-    if workers >= 0:
-        return workers
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 1) // max(world_size, 1)))
-
-
-def check_world_size(cfg: Config, world_size: int) -> None:
-    if cfg.train.batch % world_size:
-        raise ConfigError(
-            f"config key `train.batch` ({cfg.train.batch}) is the global batch and must be divisible by the "
-            f"number of processes ({world_size})"
-        )
 
 
 class Trainer:
@@ -140,26 +101,20 @@ class Trainer:
         self.accumulate = accumulate_steps(cfg.train)
         self.state = TrainState()
         self.ckpt = CheckpointManager.for_run(cfg.ckpt, self.run_dir)
-        self._save_failures = 0  # consecutive
         self.resumed_from: str | None = None
         self.lineage: list[dict] = []  # one entry per resume (see lineage.py)
         self.stop_after_steps: int | None = None  # `doctor` replays a few steps, then stops
         self._segment_steps = 0
-        self.tb = None  # tensorboard writer, when --tensorboard
         self.initial_weights: str | None = None  # --init-weights
-        self._plotter: threading.Thread | None = None
-        # The first picture comes after a minute of training (and at the end), not after the first
-        # epoch: on short epochs a draw (~0.3 s of CPU) would cost more than the epoch's own logging.
-        self._last_plot = time.monotonic()
         self.train_loader = self._loader(self.train_ds, batch_sampler=self.sampler)
         self.val_loader = self._loader(self.val_ds, batch_size=cfg.train.batch * 2, shuffle=False)
         self.progress = TrainProgress(quiet=quiet or not self.dist.is_main)
-        self.stop_requested: str | None = None  # set by a signal handler on this rank
+        self.log = RunLog(self.run_dir, self.dist.is_main, notice=self.progress.notice)
+        self.stops = StopOnSignals(notice=self.progress.notice)  # what this rank received
         self.stop_signal: str | None = None  # the stop every rank agreed on (acted upon after the step)
-        self._time_save_due = False  # ckpt.every_minutes, agreed by every rank at the last step
+        self.saves = SavePolicy(cfg.ckpt, cfg.train.epochs)
+        self._minutes_due = False  # ckpt.every_minutes, agreed by every rank at the last step
         self._rollbacks = 0
-        self._last_save_time = time.monotonic()
-        self._last_saved_step = -1
         self.dataset_fingerprint = self.train_ds.fingerprint() + ":" + self.val_ds.fingerprint()
         # Read once: the code that runs is the code loaded at start (and git costs a subprocess).
         self.git, self.versions = git_info(), versions()
@@ -172,7 +127,7 @@ class Trainer:
             collate_fn=collate_fn,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
-            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
             # A private generator: creating a loader iterator must not consume the global torch RNG,
             # or the RNG stream would depend on where a run was resumed.
             generator=torch.Generator().manual_seed(self.cfg.train.seed),
@@ -231,22 +186,18 @@ class Trainer:
             ) from None
         self.state.segment += 1
         self.resumed_from = str(info.path)
-        self._last_saved_step = self.state.global_step
-        steps_log = self.run_dir / "steps.csv"
-        entry = interruption_entry(
-            self.run_dir, self.state.segment, info.name, self.state.global_step, last_logged_step(steps_log)
-        )
+        self.saves.resumed(self.state.global_step)
+        reached = self.log.on_resume(self.state.global_step)
+        entry = interruption_entry(self.run_dir, self.state.segment, info.name, self.state.global_step, reached)
         if ended is not None:
             entry["previous_segment_ended"] = ended
         self.lineage = list(info.get("lineage") or []) + [entry]
-        if self.dist.is_main:
-            truncate_step_log(steps_log, self.state.global_step)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> int:
-        """Train to `train.epochs`; returns the process exit code (0, or EXIT_INTERRUPTED)."""
+        """Train to `train.epochs`; returns the process exit code (OK, or INTERRUPTED after a stop signal)."""
         self.net = self.dist.wrap(self.model, self.device)
-        with self.progress, _StopOnSignals(self):
+        with self.progress, self.stops:
             try:
                 while self.state.epoch < self.cfg.train.epochs and not self.stop_signal:
                     try:
@@ -259,17 +210,14 @@ class Trainer:
                 if self.stop_signal:
                     self.save(reason=f"signal:{self.stop_signal}")
             finally:
-                if self.state.history and self.dist.is_main:
-                    self.redraw_plot(wait=True)  # the final picture, complete
+                self.log.close(self.state.history)
                 self.ckpt.wait()  # never exit with a save in flight
-                if self.tb is not None:
-                    self.tb.close()
             self.check_saves(final=True)
             self.dist.barrier()  # every rank leaves together, after rank 0's last commit
         if self.stop_signal:
-            return EXIT_INTERRUPTED
+            return ExitCode.INTERRUPTED
         self.progress.summary(self.state.history)
-        return 0
+        return ExitCode.OK
 
     def train_epoch(self) -> None:
         state, nb = self.state, self.sampler.batches_per_epoch()
@@ -281,11 +229,7 @@ class Trainer:
             state.step_in_epoch += 1
             state.global_step += 1
             state.epoch_loss_sum = [a + b for a, b in zip(state.epoch_loss_sum, losses, strict=True)]
-            if self.dist.is_main:
-                append_step_log(self.run_dir / "steps.csv", state, losses, lr)
-            self.log_scalars(
-                {f"train/{n}": v for n, v in zip(LOSS_NAMES, losses, strict=True)} | {"lr": lr}, state.global_step
-            )
+            self.log.on_step(state, losses, lr)
             self.progress.step(state, batch["img"].shape[0])
             self.check_saves()
             self._segment_steps += 1
@@ -293,8 +237,8 @@ class Trainer:
                 self.stop_signal = "STEP_LIMIT"
             if self.stop_signal:
                 return
-            if state.step_in_epoch < nb and self.step_save_due():
-                self.save(reason="interval")
+            if state.step_in_epoch < nb:  # after the last batch, the epoch end decides
+                self.save_if_due(epoch_end=False)
 
     def train_step(self, batch: dict) -> tuple[list[float], float]:
         i, nb = self.state.step_in_epoch, self.sampler.batches_per_epoch()
@@ -305,15 +249,13 @@ class Trainer:
         loss = _inject_test_nan(loss, self.state.global_step + 1) * self.dist.world_size
         # One message per step agrees, before backward, on what every rank must do the same way:
         # skip a non-finite step, stop after this step, save by the clock; and averages the losses.
-        bad, stop, time_due, *loss_sums = self.dist.sum_(
-            [float(not math.isfinite(loss.item())), float(self.stop_requested is not None), float(self._clock_due())]
-            + items.tolist()
-        )
+        flags = [not math.isfinite(loss.item()), self.stops.requested is not None, self.saves.clock_due()]
+        bad, stop, minutes_due, *loss_sums = self.dist.sum_([float(flag) for flag in flags] + items.tolist())
         if bad:
             raise NonFiniteLoss(self.state.global_step + 1)
         if stop and not self.stop_signal:
-            self.stop_signal = self.stop_requested or "a stop signal on another rank"
-        self._time_save_due = bool(time_due)
+            self.stop_signal = self.stops.requested or "a stop signal on another rank"
+        self._minutes_due = bool(minutes_due)
         self.ckpt.wait_snapshot()  # a save in flight must copy the weights before backward changes them
         self.scaler.scale(loss).backward()
         if self.optimizer_step_due(i, nb):
@@ -359,18 +301,14 @@ class Trainer:
         }
         row |= {"lr": self.schedule.lr_at(state.global_step - 1)} | metrics
         state.history.append(row)
-        self.log_scalars({f"val/{k}": v for k, v in metrics.items()}, state.global_step)
         if "fitness" in metrics and (state.best_fitness is None or metrics["fitness"] > state.best_fitness):
             state.best_fitness = metrics["fitness"]
         state.epoch += 1
         state.step_in_epoch = 0
         state.epoch_loss_sum = [0.0] * len(LOSS_NAMES)
-        if self.dist.is_main:
-            write_results_csv(self.run_dir / "results.csv", state.history)
-            self.redraw_plot()
+        self.log.on_epoch(state.history, metrics, state.global_step)
         self.progress.end_epoch(row, nb)
-        if self.epoch_save_due() or self.step_save_due():
-            self.save(reason="epoch")
+        self.save_if_due(epoch_end=True)
 
     def roll_back(self, bad: NonFiniteLoss) -> None:
         """Continue from the newest valid checkpoint instead of training on a non-finite loss; after
@@ -408,42 +346,6 @@ class Trainer:
         self.initial_weights = str(path)
         return transferred, total
 
-    def enable_tensorboard(self) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError(
-                "--tensorboard needs the tensorboard package: pip install 'yolo-resume[tensorboard]'"
-            ) from None
-        # purge_step drops events a killed segment logged after the checkpoint we resumed from.
-        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.state.global_step + 1)
-
-    def log_scalars(self, values: dict[str, float], step: int) -> None:
-        if self.tb is not None:
-            for key, value in values.items():
-                self.tb.add_scalar(key, value, step)
-
-    def redraw_plot(self, wait: bool = False) -> None:
-        """Redraw results.png in a background thread, at most once a minute (matplotlib takes ~0.3 s of
-        CPU, a whole step on a small CPU run). `wait` draws the final, complete one."""
-        if not wait and time.monotonic() - self._last_plot < PLOT_EVERY_S:
-            return
-        if self._plotter is not None and self._plotter.is_alive():
-            if not wait:
-                return
-            self._plotter.join()
-        self._last_plot = time.monotonic()
-        self._plotter = threading.Thread(target=self._draw_plot, name="results.png", daemon=True)
-        self._plotter.start()
-        if wait:
-            self._plotter.join()
-
-    def _draw_plot(self) -> None:
-        try:
-            plot_results(self.run_dir / "results.csv")
-        except Exception as exc:  # a plot must never stop training
-            self.progress.notice(f"could not draw results.png: {type(exc).__name__}: {exc}")
-
     def validate(self) -> dict[str, float]:
         model = self.ema.ema if self.ema else self.model
         return evaluate(model, self.val_loader, self.val_ds, self.device, self.cfg.eval)
@@ -453,24 +355,16 @@ class Trainer:
         every, epoch = self.cfg.eval.every_epochs, self.state.epoch + 1
         return every > 0 and (epoch % every == 0 or epoch == self.cfg.train.epochs)
 
-    def epoch_save_due(self) -> bool:
-        every, epoch = self.cfg.ckpt.every_epochs, self.state.epoch
-        return epoch == self.cfg.train.epochs or (every > 0 and epoch % every == 0)
-
-    def step_save_due(self) -> bool:
-        every_steps = self.cfg.ckpt.every_steps
-        if every_steps and self.state.global_step % every_steps == 0:
-            return True
-        return self._time_save_due
-
-    def _clock_due(self) -> bool:
-        """ckpt.every_minutes elapsed on this rank's clock (the ranks then agree in the step message)."""
-        every_min = self.cfg.ckpt.every_minutes
-        return bool(every_min) and time.monotonic() - self._last_save_time >= every_min * 60
-
     # -- checkpoints -------------------------------------------------------------------------
+    def save_if_due(self, epoch_end: bool) -> None:
+        state = self.state
+        context = SaveContext(state.epoch, state.global_step, epoch_end=epoch_end, minutes_due=self._minutes_due)
+        reason = self.saves.should_save(context)
+        if reason is not None:
+            self.save(reason)
+
     def save(self, reason: str) -> None:
-        if self.state.global_step == self._last_saved_step:
+        if self.saves.is_saved(self.state.global_step):
             return  # this exact state is already committed (or being committed)
         rank_rng = self.dist.gather_state(rng_state())  # every rank's part, before rank 0 commits
         if self.dist.is_main:
@@ -478,29 +372,17 @@ class Trainer:
             if self.dist.enabled:
                 state["rank_rng"] = rank_rng
             self.ckpt.save(state, self.checkpoint_meta(reason))
-        self._last_save_time = time.monotonic()
-        self._last_saved_step = self.state.global_step
+        self.saves.saved(self.state.global_step)
         self.check_saves()
 
     def check_saves(self, final: bool = False) -> None:
-        """Report finished saves. A failed one is retried at the next interval; training stops after
-        `ckpt.max_failures` consecutive failures, or when the last save of the run failed."""
+        """Report finished saves; the policy stops training when they keep failing (see SavePolicy.record)."""
         for result in self.ckpt.poll():
-            if result.error is None:
-                self._save_failures = 0
+            notice = self.saves.record(result, final)
+            if notice is None:
                 self.progress.saved(result)
-                continue
-            self._save_failures += 1
-            limit = self.cfg.ckpt.max_failures
-            if final or self._save_failures >= limit:
-                raise CheckpointSaveError(
-                    f"{result.error} (failure {self._save_failures} of at most {limit}); training stopped, "
-                    "resume with --resume once the disk has room"
-                )
-            self.progress.notice(
-                f"{result.error}; training continues and retries at the next interval "
-                f"(failure {self._save_failures} of at most {limit})"
-            )
+            else:
+                self.progress.notice(notice)
 
     def checkpoint_meta(self, reason: str) -> dict:
         state, last = self.state, (self.state.history[-1] if self.state.history else {})
@@ -539,32 +421,6 @@ class Trainer:
         }
 
 
-class _StopOnSignals:
-    """SIGTERM / SIGUSR1 / first Ctrl-C: finish the current step, save, exit. Second Ctrl-C: abort."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        self.previous: dict = {}
-
-    def __enter__(self):
-        for name in STOP_SIGNALS:
-            sig = getattr(signal, name)
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.trainer.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: abort at once
-        self.trainer.stop_requested = name
-        self.trainer.progress.notice(f"{name} received: finishing the current step, then saving a checkpoint")
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
 def _inject_test_nan(loss: torch.Tensor, global_step: int) -> torch.Tensor:
     """Fault injection for tests: a NaN loss at one step, every time or once (while MARKER is absent)."""
     spec = os.environ.get(NAN_TEST_ENV)
@@ -576,64 +432,3 @@ def _inject_test_nan(loss: torch.Tensor, global_step: int) -> torch.Tensor:
     if marker:
         Path(marker).touch()
     return loss * float("nan")
-
-
-def _ignore_stop_signals(_worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group, and torchrun signals each rank's group: only the main
-    # process decides how to stop. A worker whose parent is gone exits by itself (DataLoader watchdog).
-    for name in STOP_SIGNALS:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-# -- run-dir logs ------------------------------------------------------------------------------
-STEP_FIELDS = ("global_step", "epoch", "step_in_epoch", "lr", *LOSS_NAMES)
-
-
-def append_step_log(path: Path, state: TrainState, losses: list[float], lr: float) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(STEP_FIELDS)
-        writer.writerow([state.global_step, state.epoch, state.step_in_epoch, repr(lr), *map(repr, losses)])
-
-
-def truncate_step_log(path: Path, global_step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (those steps are trained again), and any
-    torn last line from a kill mid-write. Atomic, so a kill here cannot lose the log."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-
-    def keep(line: str) -> bool:
-        fields = line.rstrip("\n").split(",")
-        complete = line.endswith("\n") and len(fields) == len(STEP_FIELDS) and fields[0].isdigit()
-        return complete and int(fields[0]) <= global_step
-
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text("".join([f"{','.join(STEP_FIELDS)}\n"] + [ln for ln in lines[1:] if keep(ln)]))
-    tmp.replace(path)
-
-
-def last_logged_step(path: Path) -> int | None:
-    """The highest global step in the step log (what the interrupted segment had reached)."""
-    if not path.exists():
-        return None
-    steps = [int(ln.split(",", 1)[0]) for ln in path.read_text().splitlines()[1:] if ln.split(",", 1)[0].isdigit()]
-    return max(steps, default=None)
-
-
-def write_results_csv(path: Path, history: list[dict]) -> None:
-    """Rewritten from the checkpointed history each epoch, so a resumed run never duplicates rows."""
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in history:
-            writer.writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
-            )
-    tmp.replace(path)
