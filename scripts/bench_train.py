@@ -418,9 +418,13 @@ def _child_ours(spec: dict) -> None:
 
     tr.Trainer.train_epoch, tr.Trainer.train_step, tr.Trainer.save = train_epoch, train_step, save
     tr.Trainer.end_epoch = end_epoch
-    orig_plot = getattr(tr.Trainer, "redraw_plot", None)
+    try:  # results.png is drawn by the run log (0.2.0 on), by the Trainer before
+        from yolo_resume.run_log import RunLog as plotter
+    except ImportError:
+        plotter = tr.Trainer
+    orig_plot = getattr(plotter, "redraw_plot", None)
     if orig_plot is not None:  # results.png redrawn after every epoch (newer versions)
-        tr.Trainer.redraw_plot = redraw_plot
+        plotter.redraw_plot = redraw_plot
     CheckpointManager.wait_snapshot, CheckpointManager.wait, CheckpointManager.poll = wait_snapshot, wait, poll
     sys.argv = ["yolo-resume", "train", "--config", spec["config"], "--run-dir", spec["run_dir"], "-q"]
     code = 0

@@ -303,7 +303,6 @@ def test_an_upload_that_does_not_match_is_never_committed(url, endpoint, s3, tmp
 
 
 def test_a_remote_run_is_found_from_its_saved_config(url, endpoint, s3, tmp_path):
-    from yolo_resume import runs
     from yolo_resume.checkpoint.ref import CheckpointRef, resolve
     from yolo_resume.checkpoint.store import open_store
     from yolo_resume.config import Config
@@ -329,7 +328,9 @@ def test_a_remote_run_is_found_from_its_saved_config(url, endpoint, s3, tmp_path
     with resolve(run / "ckpt-000000004").one().local() as local:
         assert fmt.read_meta(local)["global_step"] == 4 and local.is_relative_to(run / ".staging")
     assert not local.exists()
-    _, resumed = runs.find_resume_point(run, None, warn=print)
+    from yolo_resume.session import Session, TrainRequest
+
+    _, resumed = Session(TrainRequest(resume=True), None, print, print)._resume_point(run)
     assert resumed.name == "ckpt-000000004" and resumed.ref.load()[1]["global_step"] == 4
 
     # The ckpt commands in-process: RUN/ckpt-N of a remote run, and a bare URL (endpoint from the env).

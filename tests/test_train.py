@@ -111,7 +111,7 @@ def test_user_errors_are_one_line_exit_2(workdir, args, message):
 
 
 def test_default_run_dir_is_numbered_after_a_finished_run(trained):
-    from yolo_resume.runs import new_run_dir
+    from yolo_resume.run_dir import new_run_dir
 
     work, _ = trained
     (work / "runs").mkdir(exist_ok=True)

@@ -97,9 +97,9 @@ def train(
     if auto_resume:
         if run_dir is None:
             raise UserError("--auto-resume needs --run-dir: the run folder to resume, or to start when it is empty")
-        from .runs import has_checkpoints
+        from .run_dir import RunDir
 
-        resume = resume or has_checkpoints(run_dir)
+        resume = resume or RunDir(run_dir).has_checkpoints()
     if nproc > 1 or max_restarts > 0 or alert_cmd or alert_webhook:
         from .launch import launch_supervised
 

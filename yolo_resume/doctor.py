@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint.manager import CheckpointManager
 from .checkpoint.ref import resolve
-from .errors import UserError
+from .errors import ExitCode, UserError
 from .run_dir import RunDir
 
 
@@ -76,7 +76,7 @@ def replay_check(target: Path | None, steps: int, say) -> ReplayResult:
             _train(["--resume", "--run-dir", str(tmp / "b"), "--stop-after-steps", str(steps - half)], tmp),
         ]
         for proc in runs:
-            if proc.returncode not in (0, 75):
+            if proc.returncode not in (ExitCode.OK, ExitCode.INTERRUPTED):
                 raise UserError(f"a replay failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
         a, b = _newest(tmp / "a"), _newest(tmp / "b")
         if a is None or b is None:

@@ -12,15 +12,15 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
-from .checkpoint.manager import CheckpointInfo, inspect
+from .checkpoint.manager import CheckpointManager
+from .checkpoint.ref import CheckpointInfo, CheckpointRef, resolve
 from .config import Config, apply_overrides, from_dict, from_stored, legacy_recipe, load_config, set_key
 from .distributed import Distributed, is_collective_failure
 from .drift import BREAKING, Drift, config_drift, environment_drift
-from .errors import ExitCode, UserError
+from .errors import CheckpointError, ExitCode, UserError
 from .hardware import check_world_size
 from .provenance import utc_now
-from .run_dir import RunDir
-from .runs import find_resume_point, has_checkpoints, most_recent_run, new_run_dir
+from .run_dir import RunDir, most_recent_run, new_run_dir
 from .trainer import Trainer
 
 
@@ -50,7 +50,7 @@ class Plan:
     run_dir: Path
     config: dict  # the config to train with (Config.to_dict)
     stored: dict | None  # the config the checkpoint was saved with, on resume
-    checkpoint: str | None  # the checkpoint to resume, or None for a fresh start
+    checkpoint: dict | None  # the checkpoint to resume (CheckpointRef.to_json), or None for a fresh start
     complete: bool  # the checkpoint already finished every epoch: nothing to train
 
     def to_json(self) -> dict:
@@ -117,13 +117,13 @@ class Session:
             resume = True
         run_dir, cfg, info = self._choose_run(resume)
         stored = info.meta["config"] if info is not None else None
-        if stored is not None:
-            from_stored(stored, source=f"checkpoint {info.path}")  # a stored config that no longer loads: say so now
+        # Read once, with the meaning it had when saved; a stored config that no longer loads fails here.
+        stored_cfg = from_stored(stored, source=f"checkpoint {info.path}") if stored is not None else None
         if stored is not None and request.config:
             _keep_stored_recipe(cfg, Path(request.config), stored)
         _apply_cli_settings(cfg, list(request.overrides), request.epochs, request.device)
-        if stored is not None:
-            _keep_resolved_optimizer(cfg, from_stored(stored, source=f"checkpoint {info.path}"))
+        if stored_cfg is not None:
+            _keep_resolved_optimizer(cfg, stored_cfg)
         check_world_size(cfg, self.dist.world_size)
         complete = info is not None and _is_complete(info, cfg)
         if complete:
@@ -134,8 +134,8 @@ class Session:
         return Plan(
             run_dir=Path(run_dir),
             config=cfg.to_dict(),
-            stored=from_stored(stored, source=f"checkpoint {info.path}").to_dict() if stored is not None else None,
-            checkpoint=str(info.path) if info is not None else None,
+            stored=stored_cfg.to_dict() if stored_cfg is not None else None,
+            checkpoint=info.ref.to_json() if info is not None else None,
             complete=complete,
         )
 
@@ -146,7 +146,7 @@ class Session:
         if not resume:
             stem = Path(config).stem if config else "demo"
             return _fresh_run_dir(run_dir, stem, self.say), load_config(config), None
-        run_dir, info = find_resume_point(run_dir, self.request.resume_from, self.warn)
+        run_dir, info = self._resume_point(run_dir)
         cfg = load_config(config) if config else from_stored(info.meta["config"], source=f"checkpoint {info.path}")
         self.say(
             f"resuming run [bold]{run_dir}[/bold] from {info.name} (epoch {info.get('epoch')}, "
@@ -154,10 +154,35 @@ class Session:
         )
         return run_dir, cfg, info
 
+    def _resume_point(self, run_dir: Path | None) -> tuple[Path, CheckpointInfo]:
+        """(run folder, checkpoint) to resume: the one --resume-from names, or the newest valid one of the run."""
+        resume_from = self.request.resume_from
+        if resume_from is not None:
+            info = resolve(resume_from).one().info(deep=True)
+            if not info.valid:
+                raise CheckpointError(info.error)
+            return run_dir or _run_dir_of(info, resume_from), info
+        run_dir = run_dir or most_recent_run()
+        manager = CheckpointManager(RunDir(run_dir).store())
+        if not manager.list():
+            raise UserError(
+                f"nothing to resume: `{manager.directory}` holds no checkpoint yet; start the run without --resume"
+            )
+        info = manager.latest_valid(
+            on_invalid=lambda bad: self.warn(
+                f"skipping checkpoint {bad.path}: {bad.error}; falling back to an older one"
+            )
+        )
+        if info is None:
+            raise CheckpointError(
+                f"no valid checkpoint in `{manager.directory}` (all failed verification; see `yolo-resume ckpt verify`)"
+            )
+        return run_dir, info
+
     # -- training (every rank) --------------------------------------------------------------------
     def train(self, plan: Plan) -> int:
         request, run_dir, cfg = self.request, plan.run_dir, from_dict(plan.config)
-        info = inspect(plan.checkpoint, storage_options=cfg.ckpt.storage_options) if plan.checkpoint else None
+        info = CheckpointRef.from_json(plan.checkpoint).info() if plan.checkpoint else None
         trainer = Trainer(cfg, run_dir, quiet=request.quiet, dist=self.dist)
         if info is not None:
             stored = from_dict(plan.stored)
@@ -270,7 +295,7 @@ def _keep_resolved_optimizer(cfg: Config, stored: Config) -> None:
 def _torchrun_restarted(run_dir: Path | None) -> bool:
     """torchrun --max-restarts started this process again after a failure, and there is a run to resume."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    return restarts > 0 and run_dir is not None and has_checkpoints(run_dir)
+    return restarts > 0 and run_dir is not None and RunDir(run_dir).has_checkpoints()
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -299,7 +324,7 @@ def _is_complete(info, cfg: Config) -> bool:
 
 def _fresh_run_dir(run_dir: Path | None, stem: str, say) -> Path:
     if run_dir is not None:
-        if has_checkpoints(run_dir):
+        if RunDir(run_dir).has_checkpoints():
             raise UserError(
                 f"run folder `{run_dir}` already holds checkpoints; continue it with --resume "
                 "or choose another --run-dir"
@@ -312,3 +337,14 @@ def _fresh_run_dir(run_dir: Path | None, stem: str, say) -> Path:
             f"`yolo-resume train --resume --run-dir {unfinished}` continues it. Starting a new run instead."
         )
     return chosen
+
+
+def _run_dir_of(info: CheckpointInfo, resume_from: str | Path) -> Path:
+    """Where a checkpoint given by --resume-from without --run-dir continues: the run folder it was saved in
+    when that is on this machine, else the run folder holding its `checkpoints` folder."""
+    stored = Path(info.get("run_dir") or "")
+    if stored.is_dir():
+        return stored
+    if not isinstance(info.path, Path):  # a URL: no local folder it lives in
+        raise UserError(f"pass --run-dir: the run folder of {resume_from} ({stored}) is not on this machine")
+    return Path(resume_from).resolve().parent.parent

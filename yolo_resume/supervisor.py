@@ -39,7 +39,6 @@ from rich.markup import escape
 from .alerts import Alerter, newest_checkpoint, signal_name
 from .errors import ExitCode
 from .run_dir import RunDir
-from .runs import has_checkpoints
 
 BACKOFF_ENV = "YOLO_RESUME_RESTART_BACKOFF_S"
 DEFAULT_BACKOFF_S = 5.0
@@ -211,7 +210,7 @@ class Supervisor:
                     fields,
                 )
                 return ExitCode.INTERRUPTED
-            resuming = has_checkpoints(self.run_dir)
+            resuming = RunDir(self.run_dir).has_checkpoints()
             cmd = self.resume_cmd if resuming else self.first_cmd
             newest = newest_checkpoint(self.run_dir)
             if not resuming:

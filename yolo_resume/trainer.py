@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from ultralytics.utils.torch_utils import ModelEMA
 
-from .checkpoint.manager import CheckpointInfo, CheckpointManager
+from .checkpoint.ref import CheckpointInfo
 from .checkpoint.save_policy import SaveContext, SavePolicy
 from .config import Config
 from .data import EpochBatchSampler, build_datasets, collate_fn
@@ -27,6 +27,7 @@ from .model import LOSS_NAMES, build_model, compute_loss
 from .optim import LRSchedule, accumulate_at, accumulate_steps, build_optimizer, resolve_optimizer
 from .progress import TrainProgress
 from .provenance import git_info, host, versions
+from .run_dir import RunDir
 from .run_log import RunLog
 from .seeding import configure_determinism, rng_state, seed_everything, set_rng_state
 from .stopping import StopOnSignals, ignore_stop_signals
@@ -100,7 +101,7 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.train, self.sampler.batches_per_epoch())
         self.accumulate = accumulate_steps(cfg.train)
         self.state = TrainState()
-        self.ckpt = CheckpointManager.for_run(cfg.ckpt, self.run_dir)
+        self.ckpt = RunDir(self.run_dir).checkpoints(cfg.ckpt)
         self.resumed_from: str | None = None
         self.lineage: list[dict] = []  # one entry per resume (see lineage.py)
         self.stop_after_steps: int | None = None  # `doctor` replays a few steps, then stops
@@ -383,6 +384,8 @@ class Trainer:
                 self.progress.saved(result)
             else:
                 self.progress.notice(notice)
+            if result.cleanup_error is not None:  # committed; retention retries at the next save
+                self.progress.notice(f"{result.name} is committed; cleaning up after it failed: {result.cleanup_error}")
 
     def checkpoint_meta(self, reason: str) -> dict:
         state, last = self.state, (self.state.history[-1] if self.state.history else {})

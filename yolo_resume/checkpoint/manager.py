@@ -196,22 +196,3 @@ class CheckpointManager:
                 self.store.delete(info.name)
         return doomed
 
-
-# -- transitional, until the trainer half of the architecture change lands -------------------------
-def _for_run(cls, ckpt_cfg, run_dir: Path) -> CheckpointManager:
-    from ..run_dir import RunDir
-
-    return RunDir(run_dir).checkpoints(ckpt_cfg)
-
-
-CheckpointManager.for_run = classmethod(_for_run)
-
-
-def inspect(path: str | Path, deep: bool = False, storage_options: dict | None = None) -> CheckpointInfo:
-    """One checkpoint by its path or URL (read with `storage_options`)."""
-    from .ref import CheckpointRef, resolve
-
-    if storage_options and isinstance(path, str) and "://" in path:
-        parent, _, name = path.rstrip("/").rpartition("/")
-        return CheckpointRef(open_store(parent, storage_options), name).info(deep)
-    return resolve(path).one().info(deep)
