@@ -133,7 +133,7 @@ class EvalConfig:
 class CkptConfig:
     dir: str = opt("", "Checkpoint folder (default `<run dir>/checkpoints`).")
     every_epochs: int = opt(1, "Save a checkpoint every N epochs (and after the last one).")
-    every_steps: int = opt(0, "Also save every N optimizer steps (0 = off).")
+    every_steps: int = opt(0, "Also save every N batches (global steps, not optimizer steps; 0 = off).")
     every_minutes: float = opt(0.0, "Also save every M minutes of training (0 = off).")
     keep_last: int = opt(3, "Keep the newest N checkpoints.")
     keep_best: int = opt(1, "Also keep the K checkpoints with the best fitness.")

@@ -195,4 +195,3 @@ class CheckpointManager:
             for info in doomed:
                 self.store.delete(info.name)
         return doomed
-
