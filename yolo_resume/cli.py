@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -140,7 +142,7 @@ def train(
     except KeyboardInterrupt:
         # Second Ctrl-C: abort at once (click would turn this into "Aborted!" and exit 1).
         err.print("aborted. Resume from the newest checkpoint with: yolo-resume train --resume")
-        raise typer.Exit(ExitCode.ABORTED) from None
+        _exit_now(ExitCode.ABORTED)
     raise typer.Exit(code)
 
 
@@ -425,6 +427,16 @@ def _human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without interpreter finalization. A second Ctrl-C lands wherever the loop is, possibly while
+    native threads (torch, data-loader teardown, a save in flight) are mid-call; finalizing Python under
+    them can abort with SIGABRT ("terminate called without an active exception") instead of `code`.
+    Nothing saved is lost: commits are atomic, and a half-written save is swept on the next start."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
 
 
 def main() -> None:
