@@ -6,7 +6,6 @@ holds training logic.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -14,40 +13,18 @@ from pathlib import Path
 from typing import NoReturn
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .cli_common import err, out, user_errors, warn
+from .cli_data import data_app
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="YOLO training that resumes exactly.")
 ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and prune checkpoints.")
-data_app = typer.Typer(no_args_is_help=True, help="Dataset tools.")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(data_app, name="data")
-
-# Piped output (logs, CI, grep) gets a wide console instead of rich's 80-column default.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 400)
-
-
-def user_errors(fn):
-    """Turn a UserError into one red line on stderr and its exit code; no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
-
-
-def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 @app.callback(invoke_without_command=True)
@@ -384,37 +361,6 @@ def doctor(
         raise typer.Exit(0)
     out.print(f"[red]FAIL[/red]: {result.summary}")
     raise typer.Exit(1)
-
-
-# -- data ------------------------------------------------------------------------------------
-@data_app.command("synth")
-@user_errors
-def data_synth(
-    out_dir: Path = typer.Argument(..., help="Output folder."),
-    num_train: int = typer.Option(400, help="Training images."),
-    num_val: int = typer.Option(100, help="Validation images."),
-    num_classes: int = typer.Option(3, help="Shape classes (1-6)."),
-    image_size: int = typer.Option(160, help="Image side in pixels."),
-    seed: int = typer.Option(0, help="Generator seed."),
-):
-    """Write the synthetic shapes dataset (COCO format) to OUT_DIR."""
-    from .config import Config, DataConfig, validate
-    from .data import ensure_synthetic
-
-    cfg = Config(
-        data=DataConfig(
-            format="synthetic",
-            root=str(out_dir),
-            num_train=num_train,
-            num_val=num_val,
-            num_classes=num_classes,
-            image_size=image_size,
-            seed=seed,
-        )
-    )
-    validate(cfg)
-    path = ensure_synthetic(cfg.data)
-    out.print(f"synthetic dataset ready in {path} ({num_train} train, {num_val} val images)")
 
 
 def _fmt(value) -> str:
