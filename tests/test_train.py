@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 from conftest import cli, tiny_overrides
@@ -67,17 +68,6 @@ def test_resume_finished_run_says_complete(trained):
     assert result.returncode == 0 and "is complete" in result.stdout
 
 
-def test_resume_continues_at_next_epoch(workdir):
-    first = cli("train", "--run-dir", "r", "--epochs", "1", *sets(workdir / "data"), cwd=workdir)
-    assert first.returncode == 0, first.stderr
-    resumed = cli("train", "--resume", "--run-dir", "r", "--epochs", "2", cwd=workdir)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming run" in resumed.stdout and "ckpt-000000003" in resumed.stdout
-    assert "re-planning the LR schedule for 2 epochs" in resumed.stdout
-    rows = read_csv(workdir / "r" / "results.csv")
-    assert [(r["epoch"], r["segment"]) for r in rows] == [("1", "0"), ("2", "1")]
-
-
 def test_resume_without_checkpoint_exits_2(workdir):
     (workdir / "empty").mkdir()
     result = cli("train", "--resume", "--run-dir", "empty", cwd=workdir)
@@ -127,15 +117,17 @@ def test_python_dash_m_and_version(workdir):
     assert result.returncode == 0 and result.stdout.strip()
 
 
-def test_resume_picks_the_most_recently_updated_run(workdir):
-    for name in ("a", "b"):
-        result = cli("train", "--run-dir", f"runs/{name}", "--epochs", "1", "-q", *sets(workdir / "data"), cwd=workdir)
-        assert result.returncode == 0, result.stderr
-    resumed = cli("train", "--resume", "--epochs", "2", "-q", cwd=workdir)
+def test_resume_picks_the_most_recently_updated_run_and_continues_at_the_next_epoch(trained, workdir):
+    shutil.copytree(trained[0] / "run", workdir / "runs" / "a")  # an older run (copy2 keeps its mtimes)
+    first = cli("train", "--run-dir", "runs/b", "--epochs", "1", "-q", *sets(workdir / "data"), cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    resumed = cli("train", "--resume", "--epochs", "2", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming run runs/b from ckpt-000000003" in resumed.stdout
-    assert len(read_csv(workdir / "runs" / "b" / "results.csv")) == 2
-    assert len(read_csv(workdir / "runs" / "a" / "results.csv")) == 1
+    assert "re-planning the LR schedule for 2 epochs" in resumed.stdout
+    rows = read_csv(workdir / "runs" / "b" / "results.csv")
+    assert [(r["epoch"], r["segment"]) for r in rows] == [("1", "0"), ("2", "1")]
+    assert len(read_csv(workdir / "runs" / "a" / "results.csv")) == 2  # untouched
 
 
 def test_data_synth_command(workdir):
