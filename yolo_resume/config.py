@@ -44,6 +44,16 @@ class DataConfig:
     train_images: str = opt("", "coco only: training image folder (default derived from the JSON name).")
     val_images: str = opt("", "coco only: validation image folder (default derived from the JSON name).")
     names: list[str] | None = opt(None, "Class names; coco: taken from the categories when unset.")
+    on_bad_image: str = opt(
+        "skip",
+        "An image that cannot be read or decoded, found by the check before training: `skip` it with a warning "
+        "naming it (as ultralytics), or `error`: refuse to start.",
+    )
+    fingerprint: str = opt(
+        "stat",
+        "What the dataset fingerprint (compared on resume) covers per image: `stat` (path, size, mtime) or "
+        "`content` (path, size, sha256 of the bytes; hashed once, then cached in the dataset index).",
+    )
     num_train: int = opt(400, "synthetic: number of training images.")
     num_val: int = opt(100, "synthetic: number of validation images.")
     num_classes: int = opt(3, "synthetic: number of shape classes (1-6).")
@@ -341,6 +351,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 CHOICES = {
     "data.format": ("coco", "yolo", "synthetic"),
+    "data.on_bad_image": ("skip", "error"),
+    "data.fingerprint": ("stat", "content"),
     "train.optimizer": ("auto", "SGD", "AdamW"),
     "train.schedule": ("linear", "cosine"),
     "train.lr_decay_every": ("epoch", "batch"),
