@@ -15,7 +15,7 @@ from ultralytics.utils.torch_utils import ModelEMA
 
 from .checkpoint.ref import CheckpointInfo
 from .checkpoint.save_policy import SaveContext, SavePolicy
-from .config import Config
+from .config import Config, resolve_paths
 from .data import EpochBatchSampler, build_datasets, collate_fn
 from .data.check import fill_content_hashes, legacy_label_digest
 from .data.manifest import write_manifest
@@ -81,7 +81,7 @@ class Trainer:
         dist: Distributed | None = None,
         config_file: Path | None = None,
     ):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg, self.run_dir = resolve_paths(cfg), Path(run_dir)  # in place: config.yaml is written from cfg
         self.dist = dist or Distributed()
         self.device = select_device(cfg.train.device, self.dist.local_rank if self.dist.enabled else None)
         self.dist.configure(cfg.dist.backend, self.device, cfg.dist.timeout_s)
