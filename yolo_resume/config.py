@@ -39,12 +39,17 @@ class DataConfig:
     root: str = opt("datasets/demo", "Dataset root folder (for `yolo`, may also be a dataset YAML file).")
     train: str = opt(
         "",
-        "Training split. coco: annotation JSON relative to root (default "
-        "`annotations/instances_train.json`); yolo: image folder or list file (default `images/train`).",
+        "Training split. coco: annotation JSON relative to root (default `annotations/instances_train.json`, "
+        "else a Roboflow export's `train/_annotations.coco.json`); yolo: image folder or list file (default "
+        "`images/train`, or the dataset YAML's `train:`).",
     )
-    val: str = opt("", "Validation split, same rules as `train` (default the `val` counterpart).")
-    train_images: str = opt("", "coco only: training image folder (default derived from the JSON name).")
-    val_images: str = opt("", "coco only: validation image folder (default derived from the JSON name).")
+    val: str = opt("", "Validation split, same rules as `train` (default the `val` counterpart; Roboflow: `valid/`).")
+    train_images: str = opt(
+        "",
+        "coco only: training image folder (default `images/<name>` or `<name>` for `instances_<name>.json`, else "
+        "whichever of the JSON's folder, `images/` and the root holds the images it names).",
+    )
+    val_images: str = opt("", "coco only: validation image folder (default found as for `train_images`).")
     names: list[str] | None = opt(None, "Class names; coco: taken from the categories when unset.")
     on_bad_image: str = opt(
         "skip",

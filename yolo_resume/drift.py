@@ -43,6 +43,8 @@ KEY_CLASSES: list[tuple[str, str]] = [
     ("data.train_images", HARMLESS),  # the fingerprint catches a real change of images
     ("data.val_images", HARMLESS),
     ("data.root", HARMLESS),
+    ("data.fingerprint", HARMLESS),  # the fingerprints are compared in the checkpoint's scheme
+    ("data.on_bad_image", HARMLESS),  # skipping other images changes the fingerprint
     ("data.*", BREAKING),
     ("model.*", BREAKING),
     ("train.*", BREAKING),  # batch, nbs, optimizer, seed, ema, deterministic
@@ -181,7 +183,11 @@ def code_drift(meta: dict, current: dict) -> list[Drift]:
 
 
 def _short(fingerprint: str | None) -> str | None:
-    return fingerprint[:12] if fingerprint else fingerprint
+    """`v2-stat:1a2b3c4d5e6f` (scheme and the train digest's start), or 0.2's bare digest start."""
+    if not fingerprint:
+        return fingerprint
+    head, _, rest = fingerprint.partition(":")
+    return f"{head}:{rest[:12]}" if head.startswith("v2-") else fingerprint[:12]
 
 
 def _git(info: dict) -> str:
