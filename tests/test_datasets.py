@@ -465,3 +465,16 @@ def test_a_failing_validation_keeps_its_epoch_and_the_resume_is_exact(straight, 
             return [(row["epoch"], row["map"]) for row in csv.DictReader(f)]
 
     assert maps(tmp_path / "run") == maps(straight / "run") and len(maps(straight / "run")) == 3
+
+
+def test_boxes_of_a_whole_split_at_once_are_bitwise_those_of_one_image_at_a_time():
+    from yolo_resume.data.check import all_label_boxes
+    from yolo_resume.data.yolo import Labels, label_boxes
+
+    rng = np.random.default_rng(0)
+    rows = [np.c_[rng.integers(0, 3, n), rng.uniform(-0.01, 1.01, (n, 4))] for n in (3, 0, 5, 1, 7)]
+    sizes = [[810, 1080], [64, 48], [1280, 720], [5, 3], [333, 777]]
+    for (boxes, cls, _), r, (w, h) in zip(all_label_boxes(rows, sizes), rows, sizes, strict=True):
+        ref_boxes, ref_cls = label_boxes(Labels(r), w, h)
+        assert boxes.dtype == ref_boxes.dtype and boxes.tobytes() == ref_boxes.tobytes()
+        assert cls.tolist() == ref_cls.tolist()

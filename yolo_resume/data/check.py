@@ -187,7 +187,8 @@ def summary_table(reports: Sequence[CheckReport]):
 
 
 class IndexCache:
-    """Per-file check results of one split, in a numpy archive (no pickle), keyed by the reader settings."""
+    """Per-file check results of one split, as columns of a numpy archive (no pickle), valid for one set of
+    reader settings. `entries` maps a file (relative to the root) to its result, a dict of the `_FIELDS`."""
 
     def __init__(self, path: Path, settings: dict):
         self.path = path
@@ -212,36 +213,49 @@ class IndexCache:
             with np.load(self.path, allow_pickle=False) as archive:
                 if str(archive["settings"]) != self.settings:
                     return
-                self.entries = json.loads(str(archive["entries"]))
-                rows = archive["rows"]
-        except (OSError, KeyError, ValueError, json.JSONDecodeError):
+                cols = {name: archive[name] for name in archive.files}
+        except (OSError, KeyError, ValueError):
             return  # no cache, or one from another version: build afresh
-        for entry in self.entries.values():
-            start, end = entry.pop("rows", (0, 0))
-            entry["rows"] = rows[start:end]
+        keys, rows, starts = cols["keys"].tolist(), cols["rows"], cols["row_start"]
+        texts = {f: cols[f].tolist() for f in _TEXT_FIELDS}
+        stat, size, raw = cols["stat"].tolist(), cols["size"].tolist(), cols["raw"].tolist()
+        dups = cols["duplicates"].tolist()
+        for i, key in enumerate(keys):
+            entry = {"stat": stat[i], "size": size[i], "raw": raw[i], "duplicates": dups[i]}
+            entry |= {f: texts[f][i] for f in _TEXT_FIELDS if texts[f][i]}
+            entry["label_sha"] = texts["label_sha"][i] or None
+            entry["rows"] = rows[starts[i] : starts[i + 1]]
+            self.entries[key] = entry
 
     def save(self, entries: dict[str, dict]) -> str:
         """Write atomically; returns '' or why it could not be written (never fatal)."""
-        flat, chunks, offset = {}, [], 0
-        for key, entry in entries.items():
-            rows = np.asarray(entry.get("rows", np.zeros((0, 5))), np.float64).reshape(-1, 5)
-            flat[key] = {k: v for k, v in entry.items() if k != "rows"} | {"rows": (offset, offset + len(rows))}
-            chunks.append(rows)
-            offset += len(rows)
+        values = list(entries.values())
+        rows = [np.asarray(e.get("rows", _NO_ROWS), np.float64).reshape(-1, 5) for e in values]
+        width = max((len(e["stat"]) for e in values), default=4)
+        cols = {
+            "settings": np.array(self.settings),
+            "keys": np.array(list(entries), dtype=str),
+            "stat": np.array([list(e["stat"]) + [-1] * (width - len(e["stat"])) for e in values], np.int64),
+            "size": np.array([e.get("size", [0, 0]) for e in values], np.int64).reshape(-1, 2),
+            "raw": np.array([e.get("raw", [0, 0]) for e in values], np.int64).reshape(-1, 2),
+            "duplicates": np.array([e.get("duplicates", 0) for e in values], np.int64),
+            "row_start": np.concatenate([[0], np.cumsum([len(r) for r in rows], dtype=np.int64)]),
+            "rows": np.concatenate(rows) if rows else _NO_ROWS,
+        }
+        cols |= {f: np.array([e.get(f) or "" for e in values], dtype=str) for f in _TEXT_FIELDS}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".npz")
             with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    settings=np.array(self.settings),
-                    entries=np.array(json.dumps(flat, separators=(",", ":"))),
-                    rows=np.concatenate(chunks) if chunks else np.zeros((0, 5)),
-                )
+                np.savez(f, **cols)
             os.replace(tmp, self.path)
         except OSError as exc:
             return f"index cache not saved ({exc})"
         return ""
+
+
+_TEXT_FIELDS = ("label_sha", "bad", "content", "upper")
+_NO_ROWS = np.zeros((0, 5))
 
 
 def _writable(folder: Path) -> bool:
@@ -295,19 +309,19 @@ def index_yolo_split(
     report = CheckReport(split, images=len(images), cached=cached)
     report.skipped = {why: [_rel(p, root) for p in files] for why, files in listing.skipped.items()}
     records, digest, label_files, upper = [], hashlib.sha256(), {}, []
-    from .yolo import Labels, label_boxes
-
-    for i, (path, key) in enumerate(zip(images, rel, strict=True)):
+    usable = []
+    for i, key in enumerate(rel):
         entry = entries[key]
         if entry.get("upper"):
             upper.append(entry["upper"])
         if entry.get("bad"):
             report.bad.append((key, entry["bad"]))
-            continue
-        width, height = entry["size"]
-        rows = np.asarray(entry["rows"], np.float64).reshape(-1, 5)
-        boxes, cls = label_boxes(Labels(rows), width, height)
-        report.dropped_boxes += len(rows) - len(boxes)
+        else:
+            usable.append(i)
+    targets = all_label_boxes([entries[rel[i]]["rows"] for i in usable], [entries[rel[i]]["size"] for i in usable])
+    for i, (boxes, cls, dropped) in zip(usable, targets, strict=True):
+        key, entry = rel[i], entries[rel[i]]
+        report.dropped_boxes += dropped
         if entry["label_sha"] is not None:
             report.labels += 1
             label_files[_rel(labels[i], root)] = entry["label_sha"]
@@ -315,8 +329,10 @@ def index_yolo_split(
             report.duplicates += entry["duplicates"]
             report.duplicate_files.append(_rel(labels[i], root))
         digest.update(f"{key}\0{entry['label_sha'] or ''}\0".encode())
-        size, mtime = entry["stat"][:2]
-        records.append(ImageRecord(path, width, height, boxes, cls, i + 1, size, mtime, entry.get("content") or ""))
+        (width, height), (size, mtime) = entry["size"], entry["stat"][:2]
+        records.append(
+            ImageRecord(images[i], width, height, boxes, cls, i + 1, size, mtime, entry.get("content") or "")
+        )
     _refuse_unusable(report, records, on_bad_image, upper, images, labels)
     report.used = len(records)
     report.backgrounds = sum(not len(r.boxes) for r in records)
@@ -340,6 +356,28 @@ def index_yolo_split(
     )
 
 
+def all_label_boxes(rows: list[np.ndarray], sizes: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """(xyxy pixel boxes, class ids, boxes dropped) per image, from normalized [cls, cx, cy, w, h] rows: the
+    arithmetic of `yolo.label_boxes` (and so the same bits), in one pass over every image of the split."""
+    counts = np.array([len(r) for r in rows], np.int64)
+    if not len(rows):
+        return []
+    lab = np.concatenate([np.asarray(r, np.float64).reshape(-1, 5) for r in rows])
+    wh = np.repeat(np.asarray(sizes, np.float64).reshape(-1, 2), counts, axis=0)
+    scale = np.concatenate([wh, wh], 1)
+    xyxy = np.concatenate([lab[:, 1:3] - lab[:, 3:5] / 2, lab[:, 1:3] + lab[:, 3:5] / 2], 1) * scale
+    boxes = xyxy.astype(np.float32)  # records.clip_boxes, per row bounds
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, wh[:, :1].astype(np.float32))
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, wh[:, 1:].astype(np.float32))
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    owner = np.repeat(np.arange(len(rows)), counts)
+    kept = np.bincount(owner[keep], minlength=len(rows))
+    cuts = np.cumsum(kept)[:-1]
+    per_boxes = np.split(boxes[keep], cuts)
+    per_cls = np.split(lab[keep, 0].astype(np.int64), cuts)
+    return list(zip(per_boxes, per_cls, (counts - kept).tolist(), strict=True))
+
+
 def _check_yolo_item(
     image: Path, label: Path, stat: tuple, nc: int, kpt_shape: tuple[int, int] | None, fingerprint: str
 ) -> dict:
@@ -356,6 +394,7 @@ def _check_yolo_item(
     entry["size"] = [info.width, info.height]
     if fingerprint == "content":
         entry["content"] = file_sha256(image)
+    label = Path(label)
     if stat[2] < 0:
         upper = [p for p in (label.with_suffix(".TXT"), label.with_suffix(".Txt")) if p.is_file()]
         return entry | ({"upper": str(upper[0])} if upper else {})
@@ -394,7 +433,7 @@ def legacy_label_digest(split: Split) -> str:
     digest = hashlib.sha256()
     for rec in split.records:
         try:
-            raw = label_path(rec.path).read_bytes()
+            raw = Path(label_path(rec.path)).read_bytes()
         except FileNotFoundError:
             raw = b""
         digest.update(f"{_rel(rec.path, split.base)}\0{len(raw)}\0".encode() + raw)
@@ -467,4 +506,8 @@ def fill_content_hashes(split: Split) -> None:
 
 
 def _rel(path: Path, root: Path) -> str:
+    """`path` relative to `root`, POSIX style (a prefix cut where it can be: 100k relpath calls cost a second)."""
+    text, prefix = str(path), str(root).rstrip(os.sep) + os.sep
+    if text.startswith(prefix) and os.sep == "/":
+        return text[len(prefix) :]
     return Path(os.path.relpath(path, root)).as_posix()

@@ -227,25 +227,27 @@ def list_images(sources: list[Path], split: str) -> Listing:
 
 
 def _walk_folder(folder: Path, listing: Listing) -> None:
-    found = []
+    found: list[tuple[list[str], Path, str]] = []  # (sort key, folder, name): one Path per folder, not per file
     for dirpath, dirnames, filenames in os.walk(folder):
         hidden_dirs = [d for d in dirnames if d.startswith(".")]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here, parts = Path(dirpath), dirpath.split(os.sep)
         for name in hidden_dirs:  # counted, not read: a checkpoint copy of every image is common
             for path in glob.glob(glob.escape(os.path.join(dirpath, name)) + "/**/*.*", recursive=True):
-                if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+                if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
                     listing.skip(HIDDEN, Path(path))
         for name in filenames:
             suffix = os.path.splitext(name)[1].lower()
-            if suffix in IMAGE_SUFFIXES:
-                (
-                    listing.skip(HIDDEN, Path(dirpath, name))
-                    if name.startswith(".")
-                    else found.append(Path(dirpath, name))
-                )
-            elif suffix in UNSUPPORTED_IMAGE_SUFFIXES:
-                listing.skip(UNSUPPORTED, Path(dirpath, name))
-    listing.images += sorted(found)
+            if suffix in UNSUPPORTED_IMAGE_SUFFIXES:
+                listing.skip(UNSUPPORTED, here / name)
+            elif suffix not in IMAGE_SUFFIXES:
+                continue
+            elif name.startswith("."):
+                listing.skip(HIDDEN, here / name)
+            else:
+                found.append((parts + [name], here, name))
+    found.sort(key=lambda entry: entry[0])  # Path order (the record ids of 0.2)
+    listing.images += [here / name for _, here, name in found]
 
 
 def _read_list_file(path: Path) -> list[Path]:
@@ -271,14 +273,14 @@ def _read_list_file(path: Path) -> list[Path]:
     return images
 
 
-def label_path(image: Path) -> Path:
-    """The ultralytics convention: the last `images` folder of the path becomes `labels`, suffix `.txt`."""
-    parts = list(image.parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            break
-    return Path(*parts).with_suffix(".txt")
+def label_path(image: Path | str) -> str:
+    """The ultralytics convention (img2label_paths): the last `images` folder of the path becomes `labels`,
+    the suffix `.txt`. A string: 100k Path objects cost a second."""
+    text = os.sep + str(image)
+    images, labels = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    if images in text:
+        text = labels.join(text.rsplit(images, 1))
+    return os.path.splitext(text[1:])[0] + ".txt"
 
 
 # ----------------------------------------------------------------------------- label files
