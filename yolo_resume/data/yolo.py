@@ -48,11 +48,11 @@ def load_yolo_split(
     from .check import index_yolo_split
 
     root = Path(root_opt)
-    kpt_shape = None
+    kpt_shape, notes = None, []
     if root.suffix.lower() in (".yaml", ".yml"):
         meta = read_dataset_yaml(root, needed=() if spec else (split,))
         sources = [meta.root / spec] if spec else meta.splits[split]
-        root, kpt_shape = meta.root, meta.kpt_shape
+        root, kpt_shape, notes = meta.root, meta.kpt_shape, meta.notes
         names = names if names is not None else meta.names
     else:
         if not root.is_dir():
@@ -64,7 +64,9 @@ def load_yolo_split(
     if not listing.images:
         where = ", ".join(f"`{s}`" for s in sources)
         raise DataError(f"no images found for the {split} split in {where}; check data.root and data.{split}")
-    return index_yolo_split(root, listing, split, list(names), kpt_shape, on_bad_image, fingerprint)
+    loaded = index_yolo_split(root, listing, split, list(names), kpt_shape, on_bad_image, fingerprint)
+    loaded.report.notes[:0] = notes
+    return loaded
 
 
 # ----------------------------------------------------------------------------- the dataset YAML
