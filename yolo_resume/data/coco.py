@@ -314,7 +314,7 @@ def coco_gt(split: Split) -> COCO:
 
 
 def _has_area(bbox: list[float], width: int, height: int) -> bool:
-    """The training rule (records.clip_boxes) for one xywh box."""
-    x0, y0 = min(max(bbox[0], 0), width), min(max(bbox[1], 0), height)
-    x1, y1 = min(max(bbox[0] + bbox[2], 0), width), min(max(bbox[1] + bbox[3], 0), height)
-    return x1 > x0 and y1 > y0
+    """The training rule for one xywh box, in the same float32 arithmetic (`_targets`, records.clip_boxes)."""
+    xywh = np.array([bbox], np.float32)
+    boxes, _ = clip_boxes(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), np.zeros(1), width, height)
+    return len(boxes) == 1
