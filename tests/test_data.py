@@ -304,7 +304,7 @@ def _err_bad_yaml(tmp: Path):
 def _err_corrupt_image(tmp: Path):
     make_yolo(tmp)
     (tmp / "images" / "train" / "a.png").write_bytes(b"not a png")
-    return DataConfig(format="yolo", root=str(tmp), names=["p", "q"]), "a.png"
+    return DataConfig(format="yolo", root=str(tmp), names=["p", "q"], on_bad_image="error"), "a.png"
 
 
 def _err_synthetic_foreign_folder(tmp: Path):
@@ -337,8 +337,8 @@ def test_val_classes_must_match_train(tmp_path):
 
 def test_undecodable_image_at_item_time(tmp_path):
     make_coco(tmp_path)
-    (tmp_path / "images" / "train" / "b.png").write_bytes(b"garbage")
     ds = DetectionDataset(load_split(DataConfig(format="coco", root=str(tmp_path)), "train"), IMGSZ)
+    (tmp_path / "images" / "train" / "b.png").write_bytes(b"garbage")  # broken after the up-front check
     with pytest.raises(DataError, match="b.png"):
         ds[1]
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import out, user_errors
+from .cli_common import out, user_errors, warn
+from .data.check import summary_table
 
 data_app = typer.Typer(no_args_is_help=True, help="Dataset tools.")
 
@@ -39,3 +40,25 @@ def data_synth(
     validate(cfg)
     path = ensure_synthetic(cfg.data)
     out.print(f"synthetic dataset ready in {path} ({num_train} train, {num_val} val images)")
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    config: Path = typer.Argument(None, help="Training config YAML (default: the packaged demo)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE (repeatable)."),
+):
+    """Check the dataset of CONFIG as training would before its first step: every image verified, every label
+    parsed, a summary table; exit 2 when training would refuse it. The result is cached for training."""
+    from .config import load_config
+    from .data import check_dataset
+
+    cfg = load_config(config, overrides)
+    train, val = check_dataset(cfg.data)
+    for line in train.report.warnings() + val.report.warnings():
+        warn(line)
+    out.print(summary_table([train.report, val.report]))
+    out.print(
+        f"dataset ok: {len(train.records)} train / {len(val.records)} val images (index cached in "
+        f"{Path(train.report.cache_file).parent})"
+    )

@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,13 +39,28 @@ class DataConfig:
     root: str = opt("datasets/demo", "Dataset root folder (for `yolo`, may also be a dataset YAML file).")
     train: str = opt(
         "",
-        "Training split. coco: annotation JSON relative to root (default "
-        "`annotations/instances_train.json`); yolo: image folder or list file (default `images/train`).",
+        "Training split. coco: annotation JSON relative to root (default `annotations/instances_train.json`, "
+        "else a Roboflow export's `train/_annotations.coco.json`); yolo: image folder or list file (default "
+        "`images/train`, or the dataset YAML's `train:`).",
     )
-    val: str = opt("", "Validation split, same rules as `train` (default the `val` counterpart).")
-    train_images: str = opt("", "coco only: training image folder (default derived from the JSON name).")
-    val_images: str = opt("", "coco only: validation image folder (default derived from the JSON name).")
+    val: str = opt("", "Validation split, same rules as `train` (default the `val` counterpart; Roboflow: `valid/`).")
+    train_images: str = opt(
+        "",
+        "coco only: training image folder (default `images/<name>` or `<name>` for `instances_<name>.json`, else "
+        "whichever of the JSON's folder, `images/` and the root holds the images it names).",
+    )
+    val_images: str = opt("", "coco only: validation image folder (default found as for `train_images`).")
     names: list[str] | None = opt(None, "Class names; coco: taken from the categories when unset.")
+    on_bad_image: str = opt(
+        "skip",
+        "An image that cannot be read or decoded, found by the check before training: `skip` it with a warning "
+        "naming it (as ultralytics), or `error`: refuse to start.",
+    )
+    fingerprint: str = opt(
+        "stat",
+        "What the dataset fingerprint (compared on resume) covers per image: `stat` (path, size, mtime) or "
+        "`content` (path, size, sha256 of the bytes; hashed once, then cached in the dataset index).",
+    )
     num_train: int = opt(400, "synthetic: number of training images.")
     num_val: int = opt(100, "synthetic: number of validation images.")
     num_classes: int = opt(3, "synthetic: number of shape classes (1-6).")
@@ -341,6 +358,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 CHOICES = {
     "data.format": ("coco", "yolo", "synthetic"),
+    "data.on_bad_image": ("skip", "error"),
+    "data.fingerprint": ("stat", "content"),
     "train.optimizer": ("auto", "SGD", "AdamW"),
     "train.schedule": ("linear", "cosine"),
     "train.lr_decay_every": ("epoch", "batch"),
@@ -351,8 +370,59 @@ CHOICES = {
 SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential")
 
 
+# (low, high, low inclusive, high inclusive); None = unbounded. Every float must also be finite (no NaN,
+# no inf), so that a bad value stops the run before training, not in the middle of its first validation.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "train.lr0": (0, None, False, True),
+    "train.lrf": (0, 1, False, True),
+    "train.momentum": (0, 1, True, False),
+    "train.weight_decay": (0, None, True, True),
+    "train.warmup_momentum": (0, 1, True, False),
+    "train.warmup_bias_lr": (0, None, True, True),
+    "train.box": (0, None, True, True),
+    "train.cls": (0, None, True, True),
+    "train.dfl": (0, None, True, True),
+    "train.max_grad_norm": (0, None, True, True),
+    "augment.fliplr": (0, 1, True, True),
+    "augment.hsv_h": (0, 1, True, True),
+    "augment.hsv_s": (0, 1, True, True),
+    "augment.hsv_v": (0, 1, True, True),
+    "augment.scale": (0, 1, True, False),
+    "augment.translate": (0, 1, True, False),
+    "augment.mosaic": (0, 1, True, True),
+    "augment.close_mosaic": (0, None, True, True),
+    "eval.conf": (0, 1, True, False),
+    "eval.iou": (0, 1, False, True),
+    "eval.max_det": (1, None, True, True),
+    "data.num_train": (0, None, True, True),
+    "data.num_val": (0, None, True, True),
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            dotted = f"{section}.{_key_name(f.name)}"
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key `{dotted}` must be a finite number, got {value}")
+            if dotted in RANGES:
+                _check_range(dotted, value, *RANGES[dotted])
+
+
+def _check_range(key: str, value: float, low, high, low_inclusive: bool, high_inclusive: bool) -> None:
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        left = "" if low is None else f"{'>=' if low_inclusive else '>'} {low:g}"
+        right = "" if high is None else f"{'<=' if high_inclusive else '<'} {high:g}"
+        bounds = " and ".join(b for b in (left, right) if b)
+        raise ConfigError(f"config key `{key}` must be {bounds}, got {value:g}")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Every value in range (types are checked when set), and the cross-field checks types cannot express."""
+    _check_ranges(cfg)
     for dotted, choices in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -410,13 +480,27 @@ def _check_no_secrets(options: dict[str, Any]) -> None:
             )
 
 
+def resolve_paths(cfg: Config, base: Path | None = None) -> Config:
+    """Relative local paths (data.root, ckpt.dir, a model.cfg file) made absolute against `base` (the working
+    directory) once, when a run starts: its config.yaml and checkpoints then resume from any directory."""
+    base = Path(base or os.getcwd())
+    if cfg.data.root and not Path(cfg.data.root).expanduser().is_absolute():
+        cfg.data.root = str((base / cfg.data.root).resolve())
+    if cfg.ckpt.dir and "://" not in cfg.ckpt.dir and not Path(cfg.ckpt.dir).expanduser().is_absolute():
+        cfg.ckpt.dir = str((base / cfg.ckpt.dir).resolve())
+    model = Path(cfg.model.cfg)
+    if not model.is_absolute() and len(model.parts) > 1 and (base / model).is_file():  # a bare name is packaged
+        cfg.model.cfg = str((base / model).resolve())
+    return cfg
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (the packaged demo when `path` is None) and apply overrides."""
     path = Path(path) if path else PACKAGE_CONFIGS / "demo.yaml"
     if not path.is_file():
         raise ConfigError(f"config file `{path}` not found; pass an existing YAML file to --config")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file `{path}` is not valid YAML: {_first_line(exc)}") from None
     cfg = from_dict(raw, source=str(path))

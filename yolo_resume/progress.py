@@ -95,3 +95,14 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_dataset_check(progress: TrainProgress, reports: list) -> None:
+    """The up-front check's warnings (always) and its summary table (unless quiet)."""
+    from .data.check import summary_table
+
+    for report in reports:
+        for line in report.warnings():
+            progress.notice(f"data: {line}")
+    if not progress.quiet:
+        console.print(summary_table(reports))

@@ -15,9 +15,13 @@ from ultralytics.utils.torch_utils import ModelEMA
 
 from .checkpoint.ref import CheckpointInfo
 from .checkpoint.save_policy import SaveContext, SavePolicy
-from .config import Config
+from .config import Config, resolve_paths
 from .data import EpochBatchSampler, build_datasets, collate_fn
+from .data.check import fill_content_hashes, legacy_label_digest
+from .data.manifest import write_manifest
+from .data.records import dataset_fingerprint, legacy_fingerprint
 from .distributed import Distributed
+from .drift import Environment
 from .errors import CheckpointError, DivergedError, ExitCode
 from .evaluate import evaluate
 from .hardware import check_world_size, resolve_workers, select_device
@@ -25,8 +29,8 @@ from .interop import load_init_weights
 from .lineage import interruption_entry
 from .model import LOSS_NAMES, build_model, compute_loss
 from .optim import LRSchedule, accumulate_at, accumulate_steps, build_optimizer, resolve_optimizer
-from .progress import TrainProgress
-from .provenance import git_info, host, versions
+from .progress import TrainProgress, print_dataset_check
+from .provenance import code_version, experiment_git, git_info, host, versions
 from .run_dir import RunDir
 from .run_log import RunLog
 from .seeding import configure_determinism, rng_state, seed_everything, set_rng_state
@@ -47,6 +51,9 @@ class TrainState:
     epoch_loss_sum: list[float] = field(default_factory=lambda: [0.0] * len(LOSS_NAMES))
     best_fitness: float | None = None
     history: list[dict] = field(default_factory=list)  # one row per finished epoch (results.csv)
+    # The last finished epoch's validation failed (its checkpoint was saved without metrics): a resume
+    # validates it first, so history and best are those of an uninterrupted run.
+    pending_eval: bool = False
     segment: int = 0  # number of times this run was resumed
 
     def state_dict(self) -> dict:
@@ -66,18 +73,28 @@ class NonFiniteLoss(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, quiet: bool = False, dist: Distributed | None = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        quiet: bool = False,
+        dist: Distributed | None = None,
+        config_file: Path | None = None,
+    ):
+        self.cfg, self.run_dir = resolve_paths(cfg), Path(run_dir)  # in place: config.yaml is written from cfg
         self.dist = dist or Distributed()
         self.device = select_device(cfg.train.device, self.dist.local_rank if self.dist.enabled else None)
         self.dist.configure(cfg.dist.backend, self.device, cfg.dist.timeout_s)
         check_world_size(cfg, self.dist.world_size)
         configure_determinism(cfg.train.deterministic)
         seed_everything(cfg.train.seed)
-        # Rank 0 generates or indexes the dataset first, then the others read it.
+        self.progress = TrainProgress(quiet=quiet or not self.dist.is_main)
+        # Rank 0 generates, checks and indexes the dataset first (the index is cached), then the others read it.
         self.train_ds, self.val_ds = self.dist.main_first(
             lambda: build_datasets(cfg.data, cfg.augment, cfg.model.imgsz, cfg.train.seed, cfg.train.epochs)
         )
+        if self.dist.is_main:
+            print_dataset_check(self.progress, [self.train_ds.split.report, self.val_ds.split.report])
         self.model = build_model(cfg.model.cfg, len(self.train_ds.names), self.train_ds.names, cfg.train)
         self.model.to(self.device)
         self.net: torch.nn.Module = self.model  # what the forward pass goes through (DDP under torchrun)
@@ -109,16 +126,27 @@ class Trainer:
         self.initial_weights: str | None = None  # --init-weights
         self.train_loader = self._loader(self.train_ds, batch_sampler=self.sampler)
         self.val_loader = self._loader(self.val_ds, batch_size=cfg.train.batch * 2, shuffle=False)
-        self.progress = TrainProgress(quiet=quiet or not self.dist.is_main)
         self.log = RunLog(self.run_dir, self.dist.is_main, notice=self.progress.notice)
         self.stops = StopOnSignals(notice=self.progress.notice)  # what this rank received
         self.stop_signal: str | None = None  # the stop every rank agreed on (acted upon after the step)
         self.saves = SavePolicy(cfg.ckpt, cfg.train.epochs)
         self._minutes_due = False  # ckpt.every_minutes, agreed by every rank at the last step
         self._rollbacks = 0
-        self.dataset_fingerprint = self.train_ds.fingerprint() + ":" + self.val_ds.fingerprint()
+        self.dataset_fingerprint = dataset_fingerprint(self.train_ds.split, self.val_ds.split, cfg.data.fingerprint)
+        self.dataset_manifest = self._write_dataset_manifest()
         # Read once: the code that runs is the code loaded at start (and git costs a subprocess).
-        self.git, self.versions = git_info(), versions()
+        self.git, self.code, self.versions = experiment_git(config_file), code_version(), versions()
+        self.config_file = config_file
+
+    def _write_dataset_manifest(self) -> str | None:
+        """The file list of this fingerprint, in the run (rank 0), so a refused resume can name changed files."""
+        if not self.dist.is_main:
+            return None
+        try:
+            return str(write_manifest(self.run_dir, self.dataset_fingerprint, self.train_ds.split, self.val_ds.split))
+        except OSError as exc:  # a diagnostic aid: never a reason not to train
+            self.progress.notice(f"dataset file list not recorded in the run ({exc})")
+            return None
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         workers = resolve_workers(self.cfg.train.workers, self.device, self.dist.world_size)
@@ -187,6 +215,9 @@ class Trainer:
             ) from None
         self.state.segment += 1
         self.resumed_from = str(info.path)
+        stored_repo = (info.get("git") or {}).get("repo")
+        if self.config_file is None and stored_repo:  # the run's own config: its experiment is the stored repo
+            self.git = git_info(stored_repo)
         self.saves.resumed(self.state.global_step)
         reached = self.log.on_resume(self.state.global_step)
         entry = interruption_entry(self.run_dir, self.state.segment, info.name, self.state.global_step, reached)
@@ -200,6 +231,9 @@ class Trainer:
         self.net = self.dist.wrap(self.model, self.device)
         with self.progress, self.stops:
             try:
+                if self.state.pending_eval:  # resumed after a failed validation: validate that epoch first
+                    self.progress.notice(f"validating epoch {self.state.epoch}, whose validation failed before")
+                    self.finish_epoch(self.state.history[-1], self.validate_all_ranks())
                 while self.state.epoch < self.cfg.train.epochs and not self.stop_signal:
                     try:
                         self.train_epoch()
@@ -292,23 +326,45 @@ class Trainer:
         return out
 
     def end_epoch(self) -> None:
-        state, nb = self.state, self.sampler.batches_per_epoch()
-        # Rank 0 validates; the others wait for its metrics, so every rank keeps the same history.
-        metrics = self.dist.broadcast_json(self.validate() if self.eval_due() and self.dist.is_main else {})
+        """Close the epoch: validate it (when due) and save. A validation that fails still saves the epoch,
+        without metrics (a resume validates it first), then fails."""
+        state = self.state
         row = {"epoch": state.epoch + 1, "segment": state.segment}
         row |= {
             name: value / max(state.step_in_epoch, 1)
             for name, value in zip(LOSS_NAMES, state.epoch_loss_sum, strict=True)
         }
-        row |= {"lr": self.schedule.lr_at(state.global_step - 1)} | metrics
+        row |= {"lr": self.schedule.lr_at(state.global_step - 1)}
         state.history.append(row)
-        if "fitness" in metrics and (state.best_fitness is None or metrics["fitness"] > state.best_fitness):
-            state.best_fitness = metrics["fitness"]
         state.epoch += 1
         state.step_in_epoch = 0
         state.epoch_loss_sum = [0.0] * len(LOSS_NAMES)
+        if not self.eval_due(state.epoch):
+            self.finish_epoch(row, {})
+            return
+        try:
+            metrics = self.validate_all_ranks()
+        except Exception:
+            if not self.dist.enabled:  # under torchrun the other ranks wait in the broadcast: no collective save
+                state.pending_eval = True
+                self.save_if_due(epoch_end=True)
+                self.ckpt.wait()
+                self.check_saves()
+            raise
+        self.finish_epoch(row, metrics)
+
+    def validate_all_ranks(self) -> dict[str, float]:
+        """Rank 0 validates; the others wait for its metrics, so every rank keeps the same history."""
+        return self.dist.broadcast_json(self.validate() if self.dist.is_main else {})
+
+    def finish_epoch(self, row: dict, metrics: dict[str, float]) -> None:
+        state = self.state
+        row |= metrics
+        state.pending_eval = False
+        if "fitness" in metrics and (state.best_fitness is None or metrics["fitness"] > state.best_fitness):
+            state.best_fitness = metrics["fitness"]
         self.log.on_epoch(state.history, metrics, state.global_step)
-        self.progress.end_epoch(row, nb)
+        self.progress.end_epoch(row, self.sampler.batches_per_epoch())
         self.save_if_due(epoch_end=True)
 
     def roll_back(self, bad: NonFiniteLoss) -> None:
@@ -352,8 +408,9 @@ class Trainer:
         return evaluate(model, self.val_loader, self.val_ds, self.device, self.cfg.eval)
 
     # -- schedules ---------------------------------------------------------------------------
-    def eval_due(self) -> bool:
-        every, epoch = self.cfg.eval.every_epochs, self.state.epoch + 1
+    def eval_due(self, epoch: int) -> bool:
+        """Validate after `epoch` (1-based) epochs?"""
+        every = self.cfg.eval.every_epochs
         return every > 0 and (epoch % every == 0 or epoch == self.cfg.train.epochs)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -410,13 +467,30 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "lineage": self.lineage,
             "init_weights": self.initial_weights,
-        } | self.environment()
+        } | self._environment()
 
-    def environment(self) -> dict:
-        """What, besides the config, decides the exact numbers (compared on resume)."""
+    def environment(self) -> Environment:
+        """What, besides the config, decides the exact numbers (compared on resume); with the means to compute
+        the dataset fingerprint as an older checkpoint stored it."""
+        train, val = self.train_ds.split, self.val_ds.split
+
+        def legacy() -> str:
+            return ":".join(legacy_fingerprint(split, legacy_label_digest(split)) for split in (train, val))
+
+        def in_scheme(scheme: str) -> str:
+            if scheme == "content":
+                fill_content_hashes(train)
+                fill_content_hashes(val)
+            return dataset_fingerprint(train, val, scheme)
+
+        return Environment(self._environment(), fingerprint_in=in_scheme, legacy_fingerprint=legacy)
+
+    def _environment(self) -> dict:
         return {
             "dataset_fingerprint": self.dataset_fingerprint,
+            "dataset_manifest": self.dataset_manifest,
             "git": self.git,
+            "code": self.code,
             "versions": self.versions,
             "device": str(self.device),
             "threads": torch.get_num_threads(),

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +19,28 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from ..errors import DataError
-from .records import ImageRecord, Split, clip_boxes, empty_targets, file_size
+from .records import ImageRecord, Split, clip_boxes, empty_targets
 
 
-def load_coco_split(root: Path, ann: str, images: str, split: str, names: list[str] | None) -> Split:
-    """Load one split: `ann` is the JSON relative to `root` ('' = annotations/instances_<split>.json)."""
-    ann_path = root / (ann or f"annotations/instances_{split}.json")
-    if not ann_path.is_file():
-        key = f"data.{split}"
-        raise DataError(f"annotation file `{ann_path}` not found; check data.root and {key}")
+def load_coco_split(
+    root: Path,
+    ann: str,
+    images: str,
+    split: str,
+    names: list[str] | None,
+    on_bad_image: str = "skip",
+    fingerprint: str = "stat",
+) -> Split:
+    """Load and check one split: `ann` is the JSON relative to `root` ('' = annotations/instances_<split>.json,
+    or a Roboflow export's `<split>/_annotations.coco.json`)."""
+    from .check import check_coco_images
+
+    ann_path = _annotation_file(root, ann, split)
     raw = ann_path.read_bytes()
     data = parse_coco(raw, ann_path)
-    image_dir = _image_dir(root, ann_path, images, split)
+    image_dir = _image_dir(root, ann_path, images, split, data["images"])
 
-    categories = sorted(data["categories"], key=lambda c: c["id"])
+    categories = trained_categories(data)
     cat_to_cls = {c["id"]: i for i, c in enumerate(categories)}
     names = _names(names, [str(c["name"]) for c in categories], ann_path)
 
@@ -42,18 +51,25 @@ def load_coco_split(root: Path, ann: str, images: str, split: str, names: list[s
 
     records = []
     for img in data["images"]:
-        anns = per_image[img["id"]]
-        boxes, cls = empty_targets()
-        if anns:
-            xywh = np.array([a["bbox"] for a in anns], np.float32)
-            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-            cls = np.array([cat_to_cls[a["category_id"]] for a in anns], np.int64)
-            boxes, cls = clip_boxes(boxes, cls, img["width"], img["height"])
+        boxes, cls = _targets(per_image[img["id"]], cat_to_cls, img)
         path = image_dir / img["file_name"]
-        size = file_size(path, f"image of `{ann_path}`")
-        records.append(ImageRecord(path, img["width"], img["height"], boxes, cls, img["id"], size))
+        records.append(ImageRecord(path, img["width"], img["height"], boxes, cls, img["id"]))
     if not records:
         raise DataError(f"annotation file `{ann_path}` lists no images; the {split} split must not be empty")
+    records, report = check_coco_images(root, ann_path, records, split, on_bad_image, fingerprint)
+    for rec in records:
+        rec.file_size = rec.path.stat().st_size
+    report.used = len(records)
+    report.labels = sum(bool(per_image[r.image_id]) for r in records)
+    report.backgrounds = sum(not len(r.boxes) for r in records)
+    report.dropped_boxes = sum(len(per_image[r.image_id]) - len(r.boxes) for r in records)
+    counts = Counter(c for r in records for c in r.cls.tolist())
+    report.boxes = Counter({names[c]: counts[c] for c in sorted(counts)})
+    if len(categories) < len(data["categories"]):
+        report.notes.append(
+            f"{split}: `{ann_path.name}`: category {_placeholder(data)['id']} (`{_placeholder(data)['name']}`) is the "
+            "export's placeholder for the whole dataset (Roboflow), not a class: not trained"
+        )
     return Split(
         names=names,
         records=records,
@@ -61,7 +77,55 @@ def load_coco_split(root: Path, ann: str, images: str, split: str, names: list[s
         base=root,
         label_digest=hashlib.sha256(raw).hexdigest(),
         coco_json=ann_path,
+        report=report,
     )
+
+
+def _targets(anns: list[dict], cat_to_cls: dict[int, int], img: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Training boxes of one image: clipped, those without area dropped (`coco_gt` drops the same)."""
+    anns = [a for a in anns if a["category_id"] in cat_to_cls]
+    if not anns:
+        return empty_targets()
+    xywh = np.array([a["bbox"] for a in anns], np.float32)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    cls = np.array([cat_to_cls[a["category_id"]] for a in anns], np.int64)
+    return clip_boxes(boxes, cls, img["width"], img["height"])
+
+
+def _placeholder(data: dict[str, Any]) -> dict | None:
+    """Roboflow's COCO exports add a category for the dataset itself (id 0, named after the project, the
+    `supercategory` of every real class, with no annotation): it is not a class to train."""
+    cats = data["categories"]
+    if len(cats) < 2:
+        return None
+    first = min(cats, key=lambda c: c["id"])
+    others = [c for c in cats if c is not first]
+    used = {a["category_id"] for a in data["annotations"]}
+    if first["id"] in used or not all(c.get("supercategory") == first.get("name") for c in others):
+        return None
+    return first
+
+
+def trained_categories(data: dict[str, Any]) -> list[dict]:
+    """The categories that become classes, sorted by id (contiguous class ids follow that order)."""
+    placeholder = _placeholder(data)
+    return sorted((c for c in data["categories"] if c is not placeholder), key=lambda c: c["id"])
+
+
+def _annotation_file(root: Path, ann: str, split: str) -> Path:
+    if not root.is_dir():
+        raise DataError(f"dataset root `{root}` not found; check data.root")
+    if ann:
+        candidates = [root / ann]
+    else:  # the COCO layout, then a Roboflow export (`valid/` for val)
+        folders = [split] + (["valid"] if split == "val" else [])
+        candidates = [root / f"annotations/instances_{split}.json"]
+        candidates += [root / f / "_annotations.coco.json" for f in folders]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        tried = " or ".join(f"`{c}`" for c in candidates)
+        raise DataError(f"annotation file {tried} not found; check data.root and data.{split}")
+    return found
 
 
 def _names(configured: list[str] | None, from_file: list[str], ann_path: Path) -> list[str]:
@@ -75,8 +139,10 @@ def _names(configured: list[str] | None, from_file: list[str], ann_path: Path) -
     return list(configured)
 
 
-def _image_dir(root: Path, ann_path: Path, images: str, split: str) -> Path:
-    """`data.<split>_images`, else images/<name> or <name> where the JSON is instances_<name>.json."""
+def _image_dir(root: Path, ann_path: Path, images: str, split: str, entries: list[dict]) -> Path:
+    """`data.<split>_images`; else images/<name> or <name> where the JSON is instances_<name>.json (COCO);
+    else the one folder among the JSON's own (Roboflow, Label Studio), `<root>/images` (CVAT) and the root
+    that holds the images the JSON names."""
     if images:
         folder = root / images
         if not folder.is_dir():
@@ -88,8 +154,14 @@ def _image_dir(root: Path, ann_path: Path, images: str, split: str) -> Path:
     for folder in tried:
         if folder.is_dir():
             return folder
+    sample = [e["file_name"] for e in entries[:8]]
+    others = list(dict.fromkeys(p.resolve() for p in (ann_path.parent, root / "images", root)))
+    holding = [f for f in others if sample and all((f / s).is_file() for s in sample)]
+    if holding:
+        return holding[0]  # the JSON's own folder first: an export is self-contained
+    tried += [f for f in others if f not in tried]
     raise DataError(
-        f"image folder for `{ann_path}` not found (tried `{tried[0]}` and `{tried[1]}`); set data.{split}_images"
+        f"image folder for `{ann_path}` not found (tried {', '.join(f'`{t}`' for t in tried)}); set data.{split}_images"
     )
 
 
@@ -209,9 +281,19 @@ def coco_from_dict(data: dict[str, Any]) -> COCO:
 
 
 def coco_gt(split: Split) -> COCO:
-    """Ground truth in original pixels: the annotation file itself, or built from YOLO labels."""
+    """Ground truth in original pixels: the annotation file itself (its boxes with no area after clipping,
+    dropped from training, dropped here too; only the trained categories), or built from YOLO labels."""
     if split.coco_json is not None:
-        return coco_from_dict(parse_coco(split.coco_json.read_bytes(), split.coco_json))
+        data = parse_coco(split.coco_json.read_bytes(), split.coco_json)
+        sizes = {img["id"]: (img["width"], img["height"]) for img in data["images"]}
+        kept_cats = set(split.class_to_category)
+        data["categories"] = [c for c in data["categories"] if c["id"] in kept_cats]
+        data["annotations"] = [
+            a
+            for a in data["annotations"]
+            if a["category_id"] in kept_cats and (a["iscrowd"] or _has_area(a["bbox"], *sizes[a["image_id"]]))
+        ]
+        return coco_from_dict(data)
     images, annotations = [], []
     for rec in split.records:
         images.append({"id": rec.image_id, "file_name": rec.path.name, "width": rec.width, "height": rec.height})
@@ -229,3 +311,10 @@ def coco_gt(split: Split) -> COCO:
             )
     categories = [{"id": cid, "name": n} for cid, n in zip(split.class_to_category, split.names, strict=True)]
     return coco_from_dict({"images": images, "annotations": annotations, "categories": categories})
+
+
+def _has_area(bbox: list[float], width: int, height: int) -> bool:
+    """The training rule for one xywh box, in the same float32 arithmetic (`_targets`, records.clip_boxes)."""
+    xywh = np.array([bbox], np.float32)
+    boxes, _ = clip_boxes(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), np.zeros(1), width, height)
+    return len(boxes) == 1

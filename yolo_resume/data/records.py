@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,8 @@ class ImageRecord:
     cls: np.ndarray  # (n,) int64 contiguous class ids
     image_id: int
     file_size: int = 0  # bytes on disk: part of the fingerprint, read once at load time
+    mtime_ns: int = 0  # modification time: part of the `stat` fingerprint
+    content: str = ""  # sha256 of the file, with `data.fingerprint: content` (cached in the dataset index)
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Split:
     base: Path  # image paths are fingerprinted relative to this folder
     label_digest: str  # sha256 of the annotation / label contents the records came from
     coco_json: Path | None = None  # coco: the ground truth file; None: built from the records
+    report: Any = None  # the up-front check's findings (check.CheckReport)
+    label_files: dict[str, str] = field(default_factory=dict)  # yolo: label path (relative) -> sha256
 
 
 def empty_targets() -> tuple[np.ndarray, np.ndarray]:
@@ -64,10 +69,34 @@ def file_size(path: Path, what: str) -> int:
         raise DataError(f"{what} `{path}` not found; check the dataset folder and the file name") from None
 
 
-def fingerprint(split: Split) -> str:
-    """sha256 over sorted (relative image path, size), the label contents and the class names."""
-    files = sorted((Path(os.path.relpath(r.path, split.base)).as_posix(), r.file_size) for r in split.records)
-    blob = json.dumps(
-        {"files": files, "labels": split.label_digest, "names": split.names}, separators=(",", ":")
-    ).encode()
-    return hashlib.sha256(blob).hexdigest()
+FINGERPRINT_SCHEMES = ("stat", "content")
+FINGERPRINT_VERSION = "v2"  # before: sha256 over (path, size) only, without a scheme prefix
+
+
+def fingerprint(split: Split, scheme: str = "stat") -> str:
+    """sha256 over sorted (relative image path, size, and the mtime (`stat`) or the sha256 of the bytes
+    (`content`)), the label contents and the class names."""
+    if scheme not in FINGERPRINT_SCHEMES:
+        raise ValueError(f"unknown fingerprint scheme {scheme!r}")
+    third = (lambda r: r.mtime_ns) if scheme == "stat" else (lambda r: r.content)
+    files = sorted((_rel(r.path, split.base), r.file_size, third(r)) for r in split.records)
+    return _digest({"files": files, "labels": split.label_digest, "names": split.names})
+
+
+def legacy_fingerprint(split: Split, label_digest: str | None = None) -> str:
+    """The fingerprint yolo-resume 0.2 stored (paths and sizes only), to compare a checkpoint it wrote."""
+    files = sorted((_rel(r.path, split.base), r.file_size) for r in split.records)
+    return _digest({"files": files, "labels": label_digest or split.label_digest, "names": split.names})
+
+
+def dataset_fingerprint(train: Split, val: Split, scheme: str) -> str:
+    """What a checkpoint stores: `v2-<scheme>:<train>:<val>`."""
+    return f"{FINGERPRINT_VERSION}-{scheme}:{fingerprint(train, scheme)}:{fingerprint(val, scheme)}"
+
+
+def _rel(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path, base)).as_posix()
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()

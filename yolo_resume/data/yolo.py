@@ -1,185 +1,360 @@
-"""YOLO-format loading (`data.format: yolo`): the ultralytics images/ + labels/ layout.
+"""YOLO-format loading (`data.format: yolo`): the ultralytics images/ + labels/ layout and dataset YAML.
 
-`images/<split>/x.jpg` pairs with `labels/<split>/x.txt` (one `class cx cy w h` line per object,
-normalized to 0-1; ultralytics polygon lines are reduced to their box). A missing label file is a
-negative image. `data.root` may also be an ultralytics dataset YAML (path, train, val, names).
+Read the way ultralytics reads it (`ultralytics.data.utils.check_det_dataset`, `img2label_paths`,
+`verify_image_label` and `BaseDataset.get_img_files`), so a dataset that trains with `yolo train`
+trains here the same. `images/<split>/x.jpg` pairs with `labels/<split>/x.txt` (one
+`class cx cy w h` line per object, normalized 0-1; polygon lines are reduced to their box, pose lines
+to their box when the YAML has `kpt_shape`). A missing label file is a background image. Where we
+deliberately differ, the comment says so (and README's Datasets section lists it).
 """
 
 from __future__ import annotations
 
-import hashlib
+import glob
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from .records import ImageRecord, Split, clip_boxes, empty_targets, file_size
+from .records import Split
 
+# The suffixes we decode (OpenCV). Ultralytics also lists heic/heif/avif/dng/mpo/jp2, which need
+# plugins cv2 does not have: such files are reported as skipped, never silently dropped.
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"})
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSED = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
-_COORD_SLACK = 0.01  # exporters round; beyond this a coordinate is not normalized
+UNSUPPORTED_IMAGE_SUFFIXES = frozenset({".avif", ".dng", ".heic", ".heif", ".jp2", ".mpo"})
+_COORD_SLACK = 0.01  # ultralytics' 1% tolerance: exporters round; beyond it a coordinate is not normalized
 
 
-def load_yolo_split(root_opt: str, spec: str, split: str, names: list[str] | None) -> Split:
-    """Load one split; `root_opt` is the data root folder or a dataset YAML."""
+@dataclass
+class DatasetYaml:
+    """What an ultralytics dataset YAML says, with its paths resolved as ultralytics resolves them."""
+
+    file: Path
+    root: Path
+    splits: dict[str, list[Path]]  # train / val / test -> folders or list files (absolute)
+    names: list[str]
+    kpt_shape: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)  # what we renamed or fell back to, to show the user
+
+
+def load_yolo_split(
+    root_opt: str, spec: str, split: str, names: list[str] | None, on_bad_image: str = "skip", fingerprint: str = "stat"
+) -> Split:
+    """Load and check one split; `root_opt` is the data root folder or a dataset YAML."""
+    from .check import index_yolo_split
+
     root = Path(root_opt)
-    specs: list[str] = [spec] if spec else []
+    kpt_shape, notes = None, []
     if root.suffix.lower() in (".yaml", ".yml"):
-        meta = read_dataset_yaml(root, split)
-        root, specs = meta["path"], specs or meta["split"]
-        names = names if names is not None else meta["names"]
-    if not root.is_dir():
-        raise DataError(f"dataset root `{root}` not found; check data.root")
+        meta = read_dataset_yaml(root, needed=() if spec else (split,))
+        sources = [meta.root / spec] if spec else meta.splits[split]
+        root, kpt_shape, notes = meta.root, meta.kpt_shape, meta.notes
+        names = names if names is not None else meta.names
+    else:
+        if not root.is_dir():
+            raise DataError(f"dataset root `{root}` not found; check data.root")
+        sources = [root / (spec or f"images/{split}")]
     if not names:
         raise DataError(f"yolo dataset `{root_opt}` needs class names: set data.names or `names` in the dataset YAML")
-    specs = specs or [f"images/{split}"]
-    images = [img for s in specs for img in _list_images(root, s, split)]
-    if not images:
-        where = ", ".join(f"`{root / s}`" for s in specs)
+    listing = list_images(sources, split)
+    if not listing.images:
+        where = ", ".join(f"`{s}`" for s in sources)
         raise DataError(f"no images found for the {split} split in {where}; check data.root and data.{split}")
+    loaded = index_yolo_split(root, listing, split, list(names), kpt_shape, on_bad_image, fingerprint)
+    loaded.report.notes[:0] = notes
+    return loaded
 
-    digest = hashlib.sha256()
-    records, labelled = [], 0
-    for i, path in enumerate(images):
-        width, height = image_size(path)
-        boxes, cls, raw = _read_labels(label_path(path), len(names), width, height)
-        labelled += raw is not None
-        raw = raw or b""
-        digest.update(f"{Path(os.path.relpath(path, root)).as_posix()}\0{len(raw)}\0".encode() + raw)
-        records.append(ImageRecord(path, width, height, boxes, cls, i + 1, file_size(path, "image")))
-    if not labelled:  # a wrong layout, not a split of negatives: nobody trains a detector without boxes
-        raise DataError(
-            f"none of the {len(images)} {split} images has a label file (e.g. `{label_path(images[0])}`); "
-            "labels must sit in a `labels` folder mirroring `images`"
-        )
-    return Split(
-        names=list(names),
-        records=records,
-        class_to_category=list(range(1, len(names) + 1)),
-        base=root,
-        label_digest=digest.hexdigest(),
+
+# ----------------------------------------------------------------------------- the dataset YAML
+
+_KEY_TYPES = {  # ultralytics.data.utils.DATASET_KEY_TYPES
+    "path": (str,),
+    "train": (str, list),
+    "val": (str, list),
+    "test": (str, list),
+    "names": (list, dict),
+    "kpt_shape": (list,),
+}
+
+
+def read_dataset_yaml(path: Path, needed: tuple[str, ...] = ("train", "val")) -> DatasetYaml:
+    """An ultralytics dataset YAML, checked and resolved by `check_det_dataset`'s rules (no downloads)."""
+    if not path.is_file():
+        raise DataError(f"dataset YAML `{path}` not found; check data.root")
+    try:  # utf-8-sig: a BOM written by Windows editors is not part of the first key
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DataError(f"dataset YAML `{path}` is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"dataset YAML `{path}` must be a mapping with path, train, val and names")
+    where = f"dataset YAML `{path}`"
+    for key, types in _KEY_TYPES.items():
+        if data.get(key) is not None and not isinstance(data[key], types):
+            expected = " or ".join("a mapping" if t is dict else f"a {t.__name__}" for t in types)
+            raise DataError(f"{where}: `{key}` must be {expected}, got {data[key]!r}")
+    notes = []
+    if "val" not in data and "validation" in data:  # ultralytics renames it, with a warning
+        data["val"] = data.pop("validation")
+        notes.append(f"{where}: reading its `validation:` key as `val:`, as ultralytics does")
+    for key in needed:
+        if not data.get(key):
+            raise DataError(
+                f"{where} has no `{key}:` key; ultralytics requires `train:` and `val:` in every dataset YAML "
+                f"(e.g. `{key}: images/{key}`), or set data.{key}"
+            )
+    names = _names(data, where)
+    root = _dataset_root(data.get("path"), path, notes)
+    splits = {key: _split_paths(root, data[key]) for key in ("train", "val", "test") if data.get(key)}
+    return DatasetYaml(path, root, splits, names, _kpt_shape(data.get("kpt_shape"), where), notes)
+
+
+def _names(data: dict, where: str) -> list[str]:
+    """`names` (list, or mapping of class id to name) and `nc` by ultralytics' rules: they must agree."""
+    names, nc = data.get("names"), data.get("nc")
+    if names is None and "nc" not in data:
+        raise DataError(f"{where} has neither `names` nor `nc`; add `names: [...]`")
+    if "nc" in data:
+        try:
+            if isinstance(nc, bool) or float(nc) != int(float(nc)):
+                raise ValueError
+            nc = int(float(nc))
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: `nc: {nc}` must be an integer") from None
+    if names is None:
+        return [f"class_{i}" for i in range(nc)]  # ultralytics' placeholder names
+    if nc is not None and len(names) != nc:
+        raise DataError(f"{where}: `names` has {len(names)} entries but `nc: {nc}`; they must match (fix or drop `nc`)")
+    if isinstance(names, dict):
+        try:
+            ids = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: `names` keys must be integer class ids 0..{len(names) - 1}") from None
+        if ids != list(range(len(names))):
+            raise DataError(f"{where}: `names` keys must be the class ids 0..{len(names) - 1}, got {ids}")
+        return [str(names.get(i, names.get(str(i)))) for i in range(len(names))]
+    return [str(n) for n in names]
+
+
+def _dataset_root(path_opt: Any, yaml_file: Path, notes: list[str]) -> Path:
+    """Ultralytics: `path`, else the YAML's folder; a relative `path` that does not exist from the working
+    directory is taken under its datasets_dir setting. We try one more place, the YAML's folder (where
+    the YAML sits inside the dataset, as yolo-resume 0.2 read it), and say so."""
+    if not path_opt:
+        return yaml_file.parent.resolve()
+    path = Path(path_opt).expanduser()
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    tried = [Path.cwd() / path]
+    datasets_dir = _ultralytics_datasets_dir()
+    if datasets_dir is not None:
+        if (datasets_dir / path).exists():
+            return (datasets_dir / path).resolve()
+        tried.append(datasets_dir / path)
+    beside = yaml_file.parent / path
+    if beside.exists():
+        notes.append(f"dataset YAML `{yaml_file}`: `path: {path_opt}` read relative to the YAML's folder")
+        return beside.resolve()
+    tried.append(beside)
+    raise DataError(
+        f"dataset YAML `{yaml_file}`: `path: {path_opt}` not found (tried {', '.join(f'`{t}`' for t in tried)}); "
+        "make it absolute or relative to the working directory"
     )
 
 
-def read_dataset_yaml(path: Path, split: str) -> dict[str, Any]:
-    """The parts of an ultralytics dataset YAML we use: root folder, the split's image specs, names."""
-    if not path.is_file():
-        raise DataError(f"dataset YAML `{path}` not found; check data.root")
+def _ultralytics_datasets_dir() -> Path | None:
     try:
-        meta = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise DataError(f"dataset YAML `{path}` is not valid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"dataset YAML `{path}` must be a mapping with path, train, val and names")
-    # A relative `path` is taken relative to the YAML's folder (ultralytics uses its datasets_dir setting).
-    root = path.parent / str(meta.get("path") or ".")
-    specs = meta.get(split) or []
-    specs = [specs] if isinstance(specs, str) else specs
-    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
-        raise DataError(f"dataset YAML `{path}`: `{split}` must be a path or a list of paths")
-    return {"path": root, "split": specs, "names": _yaml_names(meta.get("names"), path)}
-
-
-def _yaml_names(names: Any, path: Path) -> list[str] | None:
-    if names is None:
+        from ultralytics.utils import DATASETS_DIR
+    except Exception:  # a broken settings file must not break reading a YAML
         return None
-    if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
-            raise DataError(f"dataset YAML `{path}`: `names` keys must be the class ids 0..{len(names) - 1}")
-        return [str(names[i]) for i in range(len(names))]
-    if isinstance(names, list):
-        return [str(n) for n in names]
-    raise DataError(f"dataset YAML `{path}`: `names` must be a list or a mapping of class id to name")
+    return Path(DATASETS_DIR)
 
 
-def _list_images(root: Path, spec: str, split: str) -> list[Path]:
-    """Images of a folder (recursively, sorted) or of a `.txt` list file (in its order)."""
-    where = root / spec
-    if where.is_dir():
-        return sorted(p for p in where.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if where.is_file() and where.suffix.lower() == ".txt":
-        return _read_list_file(where)
-    raise DataError(f"image folder or list file `{where}` not found; check data.root and data.{split}")
+def _split_paths(root: Path, value: str | list) -> list[Path]:
+    """`train:` / `val:` / `test:` entries under the root; a missing `../x` (Roboflow's exports write
+    `train: ../train/images` next to a data.yaml inside the dataset) falls back to `x`, as ultralytics does."""
+    if isinstance(value, list):
+        return [(root / str(v)).resolve() for v in value]
+    where = (root / value).resolve()
+    if not where.exists() and value.startswith("../"):
+        where = (root / value[3:]).resolve()
+    return [where]
+
+
+def _kpt_shape(value: Any, where: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (
+        len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or value[1] not in (2, 3)
+    ):
+        raise DataError(f"{where}: `kpt_shape` must be [keypoints, 2 or 3], got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+# ----------------------------------------------------------------------------- listing images
+
+
+@dataclass
+class Listing:
+    """The image files of a split, and the files under its folders that are not used, with why."""
+
+    images: list[Path]
+    skipped: dict[str, list[Path]] = field(default_factory=dict)  # reason -> files
+
+    def skip(self, reason: str, path: Path) -> None:
+        self.skipped.setdefault(reason, []).append(path)
+
+
+HIDDEN = "hidden file or folder (.ipynb_checkpoints, macOS ._ files, ...)"
+UNSUPPORTED = "image format cv2 cannot decode"
+
+
+def list_images(sources: list[Path], split: str) -> Listing:
+    """Images of folders (recursive, sorted) and `.txt` list files (in their order), as ultralytics lists
+    them: hidden files and folders are not images (its glob skips them), the suffix decides what is an image."""
+    listing = Listing([])
+    for where in sources:
+        if where.is_dir():
+            _walk_folder(where, listing)
+        elif where.is_file():
+            listing.images += _read_list_file(where)
+        else:
+            raise DataError(f"image folder or list file `{where}` not found; check data.root and data.{split}")
+    return listing
+
+
+def _walk_folder(folder: Path, listing: Listing) -> None:
+    found: list[tuple[list[str], Path, str]] = []  # (sort key, folder, name): one Path per folder, not per file
+    for dirpath, dirnames, filenames in os.walk(folder):
+        hidden_dirs = [d for d in dirnames if d.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here, parts = Path(dirpath), dirpath.split(os.sep)
+        for name in hidden_dirs:  # counted, not read: a checkpoint copy of every image is common
+            for path in glob.glob(glob.escape(os.path.join(dirpath, name)) + "/**/*.*", recursive=True):
+                if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+                    listing.skip(HIDDEN, Path(path))
+        for name in filenames:
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in UNSUPPORTED_IMAGE_SUFFIXES:
+                listing.skip(UNSUPPORTED, here / name)
+            elif suffix not in IMAGE_SUFFIXES:
+                continue
+            elif name.startswith("."):
+                listing.skip(HIDDEN, here / name)
+            else:
+                found.append((parts + [name], here, name))
+    found.sort(key=lambda entry: entry[0])  # Path order (the record ids of 0.2)
+    listing.images += [here / name for _, here, name in found]
 
 
 def _read_list_file(path: Path) -> list[Path]:
-    """Image paths, one per line; relative ones are relative to the list file's folder."""
+    """Image paths, one per line (UTF-8, with or without a BOM). `./x` is relative to the list file's folder
+    (ultralytics' rule); another relative path too where that file exists, else to the working directory
+    (ultralytics reads it from there)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"list file `{path}` is not UTF-8 text; write one image path per line") from None
     images = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
+    for lineno, line in enumerate(text.splitlines(), 1):
+        entry = line.strip()
+        if not entry:
             continue
-        image = path.parent / line.strip()
+        image = path.parent / entry
+        if not image.is_file() and not entry.startswith("./") and Path(entry).is_file():
+            image = Path(entry).resolve()
         if not image.is_file():
             raise DataError(f"list file `{path}` line {lineno}: image `{image}` not found")
-        images.append(image)
+        if image.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(image)
     return images
 
 
-def label_path(image: Path) -> Path:
-    """The ultralytics convention: the last `images` folder of the path becomes `labels`, suffix `.txt`."""
-    parts = list(image.parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            break
-    return Path(*parts).with_suffix(".txt")
+def label_path(image: Path | str) -> str:
+    """The ultralytics convention (img2label_paths): the last `images` folder of the path becomes `labels`,
+    the suffix `.txt`. A string: 100k Path objects cost a second."""
+    text = os.sep + str(image)
+    images, labels = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    if images in text:
+        text = labels.join(text.rsplit(images, 1))
+    return os.path.splitext(text[1:])[0] + ".txt"
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the header, as cv2 decodes it (EXIF orientation applied); no decoding."""
+# ----------------------------------------------------------------------------- label files
+
+
+@dataclass
+class Labels:
+    """One label file, parsed: normalized [cls, cx, cy, w, h] rows, duplicates removed."""
+
+    rows: np.ndarray  # (n, 5) float64
+    duplicates: int = 0
+
+
+def parse_label_file(raw: bytes, path: Path, nc: int, kpt_shape: tuple[int, int] | None) -> Labels:
+    """Ultralytics' label rules (verify_image_label): UTF-8 with or without a BOM, any line ending, box /
+    polygon / pose rows, exact duplicate rows removed. We differ in two ways, on purpose: a bad row is an
+    error naming the line (ultralytics drops the image with a warning), and a file mixing box and polygon
+    rows is read row by row (ultralytics drops it)."""
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    # ImportError: ultralytics patches Image.open to look for a HEIF plugin on unknown files.
-    except (OSError, UnidentifiedImageError, ValueError, ImportError) as exc:
-        raise DataError(f"image `{path}` cannot be read ({' '.join(str(exc).split())}); replace or remove it") from None
-    return (height, width) if orientation in _TRANSPOSED else (width, height)
-
-
-def _read_labels(path: Path, nc: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray, bytes | None]:
-    """xyxy pixel boxes, class ids and the raw file bytes (None when there is no label file: a negative)."""
-    if not path.is_file():
-        return *empty_targets(), None
-    raw = path.read_bytes()
-    rows = []
-    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"label file `{path}` is not UTF-8 text; labels are `class cx cy w h` lines") from None
+    pose_len = 5 + kpt_shape[0] * kpt_shape[1] if kpt_shape else None
+    rows, segments = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            rows.append(_parse_label_line(line, path, lineno, nc))
+            row, segment = _parse_label_line(line, path, lineno, nc, pose_len)
+            rows.append(row)
+            segments.append(segment)
     if not rows:
-        return *empty_targets(), raw
-    lab = np.array(rows, np.float64)
-    scale = np.array([width, height, width, height])
-    xyxy = np.concatenate([lab[:, 1:3] - lab[:, 3:5] / 2, lab[:, 1:3] + lab[:, 3:5] / 2], 1) * scale
-    boxes, cls = clip_boxes(xyxy, lab[:, 0].astype(np.int64), width, height)
-    return boxes, cls, raw
+        return Labels(np.zeros((0, 5)))
+    # Duplicates as ultralytics sees them: same row (float32), and for polygons the same polygon too.
+    keys = [np.float32(r).tobytes() + s for r, s in zip(rows, segments, strict=True)]
+    first = sorted({k: i for i, k in reversed(list(enumerate(keys)))}.values())
+    return Labels(np.array([rows[i] for i in first], np.float64), len(rows) - len(first))
 
 
-def _parse_label_line(line: str, path: Path, lineno: int, nc: int) -> list[float]:
-    """[cls, cx, cy, w, h] from a box line or an ultralytics polygon line (`cls x1 y1 x2 y2 ...`)."""
+def _parse_label_line(line: str, path: Path, lineno: int, nc: int, pose_len: int | None) -> tuple[list[float], bytes]:
+    """([cls, cx, cy, w, h], polygon bytes) from a box, polygon or (with kpt_shape) pose row."""
     where = f"label file `{path}` line {lineno}"
     try:
         values = [float(v) for v in line.split()]
     except ValueError:
         raise DataError(f"{where}: expected `class cx cy w h` numbers, got `{line.strip()}`") from None
-    if len(values) == 5:
-        c, cx, cy, w, h = values
+    segment = b""
+    if len(values) == 5 or (pose_len is not None and len(values) == pose_len):
+        c, cx, cy, w, h = values[:5]
+        coords = values[1:5]
     elif len(values) >= 7 and len(values) % 2 == 1:
         xs, ys = values[1::2], values[2::2]
         c, cx, cy = values[0], (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
         w, h = max(xs) - min(xs), max(ys) - min(ys)
+        coords, segment = values[1:], np.float32(values[1:]).tobytes()
     else:
-        raise DataError(f"{where}: expected `class cx cy w h` (5 values), got {len(values)} values")
+        pose = f", or {pose_len} for a pose row (kpt_shape)" if pose_len else ""
+        raise DataError(f"{where}: expected `class cx cy w h` (5 values{pose}), got {len(values)} values")
     if not c.is_integer() or not 0 <= c < nc:
         raise DataError(
             f"{where}: class id {line.split()[0]} is out of range 0-{nc - 1} ({nc} names); fix the label or data.names"
         )
-    coords = values[1:]
     if not all(np.isfinite(coords)) or min(coords) < -_COORD_SLACK or max(coords) > 1 + _COORD_SLACK:
         raise DataError(f"{where}: coordinates must be normalized to 0-1, got `{line.strip()}`")
-    return [c, cx, cy, max(w, 0.0), max(h, 0.0)]
+    return [c, cx, cy, max(w, 0.0), max(h, 0.0)], segment
+
+
+def label_boxes(labels: Labels, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """xyxy pixel boxes (clipped; a box with no area is dropped, in training and in the ground truth alike)."""
+    from .records import clip_boxes, empty_targets
+
+    lab = labels.rows
+    if not len(lab):
+        return empty_targets()
+    scale = np.array([width, height, width, height])
+    xyxy = np.concatenate([lab[:, 1:3] - lab[:, 3:5] / 2, lab[:, 1:3] + lab[:, 3:5] / 2], 1) * scale
+    return clip_boxes(xyxy, lab[:, 0].astype(np.int64), width, height)
