@@ -19,6 +19,7 @@ from .distributed import Distributed, is_collective_failure
 from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import CheckpointError, ExitCode, UserError
 from .hardware import check_world_size
+from .model import load_model_definition
 from .provenance import utc_now
 from .run_dir import RunDir, most_recent_run, new_run_dir
 from .trainer import Trainer
@@ -125,6 +126,7 @@ class Session:
         if stored_cfg is not None:
             _keep_resolved_optimizer(cfg, stored_cfg)
         check_world_size(cfg, self.dist.world_size)
+        load_model_definition(cfg.model.cfg)  # a bad or unsafe model YAML fails here, before any training
         complete = info is not None and _is_complete(info, cfg)
         if complete:
             self.say(
