@@ -71,23 +71,30 @@ def train(
         None, "--alert-cmd", help="Shell command run on each failure, restart, give-up and completion (JSON on stdin)."
     ),
     alert_webhook: str = typer.Option(None, "--alert-webhook", help="URL that receives the same JSON by POST."),
+    wait_for_lock: float = typer.Option(
+        None,
+        "--wait-for-lock",
+        min=0,
+        help="When another process is writing the run, wait up to SECONDS for it instead of exiting (code 2).",
+    ),
 ):
     """Train a detector; with --resume, continue an interrupted run exactly where it stopped."""
     if auto_resume:
         if run_dir is None:
             raise UserError("--auto-resume needs --run-dir: the run folder to resume, or to start when it is empty")
-        from .run_dir import RunDir
-
-        resume = resume or RunDir(run_dir).has_checkpoints()
     if nproc > 1 or max_restarts > 0 or alert_cmd or alert_webhook:
         from .launch import launch_supervised
+        from .run_dir import RunDir
 
+        if auto_resume:  # the attempts decide again, under the lease; this picks the first command
+            resume = resume or RunDir(run_dir).has_checkpoints()
         raise typer.Exit(
             launch_supervised(
                 sys.argv,
                 config=config,
                 run_dir=run_dir,
                 resume=resume or resume_from is not None,
+                resume_from=resume_from,
                 nproc=nproc,
                 max_restarts=max_restarts,
                 alert_cmd=alert_cmd,
@@ -113,6 +120,8 @@ def train(
         tensorboard=tensorboard,
         init_weights=init_weights,
         trust_pickle=trust_pickle,
+        auto_resume=auto_resume,
+        wait_for_lock=wait_for_lock,
     )
     try:
         code = run_training(request, say=out.print, warn=warn)
