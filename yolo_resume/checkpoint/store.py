@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import CheckpointError
+from ..lease import FileLease, Holder, Lease
 from .format import read_meta, verify_checkpoint, write_checkpoint
 
 NAME_RE = re.compile(r"^ckpt-(\d{9,})$")
 PIN_SUFFIX = ".pin"  # a sibling marker file (or object): the checkpoint itself stays untouched
 SUPERSEDED = ".superseded-"  # a committed checkpoint moved aside by a newer one of the same step
 TRASH_PREFIX = ".trash-"  # a local checkpoint being deleted
+LEASE_NAME = ".lease"  # the single-writer lease: a lock file in a folder, a lease object under a prefix
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
@@ -108,6 +110,9 @@ class Store(Protocol):
 
     def sweep(self, committed: str) -> None:
         """Remove what killed saves and deletions left, older than the just committed `committed`."""
+
+    def lease(self, holder: Holder) -> Lease:
+        """The single-writer lease of this store (see lease.py): a flock, or a lease object."""
 
 
 def open_store(
@@ -205,3 +210,6 @@ class LocalStore:
         """Finish deletions that a kill interrupted (see `delete`)."""
         for entry in self.directory.glob(f"{TRASH_PREFIX}*"):
             shutil.rmtree(entry, ignore_errors=True)
+
+    def lease(self, holder: Holder) -> Lease:
+        return FileLease(self.directory / LEASE_NAME, holder)
