@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, UserError
-from .files import RunFileError, atomic_write, read_text
+from .files import RunFileError, atomic_write, check_regular, read_text
 
 if TYPE_CHECKING:
     from .checkpoint.manager import CheckpointManager
@@ -105,6 +105,19 @@ class RunDir:
     @property
     def lock_file(self) -> Path:
         return self.path / self.LOCK
+
+    def check_files(self) -> None:
+        """Every run file that exists is a regular file (RunFileError naming it otherwise): they are
+        read and appended to, and opening a FIFO would block forever."""
+        for path in (
+            self.config_file,
+            self.store_file,
+            self.steps_file,
+            self.results_file,
+            self.segments_file,
+            self.last_exit_file,
+        ):
+            check_regular(path)
 
     def write_config(self, cfg: Config) -> None:
         """The run's resolved config, and (separately) where its checkpoints live: both atomic, so a

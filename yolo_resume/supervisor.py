@@ -39,7 +39,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .alerts import Alerter, newest_checkpoint, signal_name
-from .errors import ExitCode
+from .errors import ExitCode, UserError
+from .files import read_text
 from .run_dir import RunDir
 from .stopping import SUPERVISOR_PID_ENV
 
@@ -363,8 +364,8 @@ def _reported_exit(run_dir: Path, since: float) -> int | None:
     try:
         if path.stat().st_mtime < since - 1:
             return None
-        code = json.loads(path.read_text()).get("code")
-    except (OSError, ValueError, AttributeError):
+        code = json.loads(read_text(path) or "null").get("code")  # a regular file only: a FIFO would hang us
+    except (OSError, ValueError, AttributeError, UserError):
         return None
     return code if isinstance(code, int) and not isinstance(code, bool) else None
 
