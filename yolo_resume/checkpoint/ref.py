@@ -96,7 +96,16 @@ class CheckpointInfo:
             fitness=self.fitness,
             epoch_end=self.get("step_in_epoch") == 0,
             pinned=self.pinned,
+            timeline=self.timeline,
         )
+
+    @property
+    def timeline(self) -> str:
+        """When the segment that wrote it started (its last lineage entry), "" for a run's first segment:
+        what orders a branch after the timeline it abandoned (see retention.newest_first)."""
+        lineage = self.get("lineage")
+        last = lineage[-1] if isinstance(lineage, list) and lineage else None
+        return str(last.get("when") or "") if isinstance(last, dict) else ""
 
 
 @dataclass(frozen=True)
