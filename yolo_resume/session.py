@@ -19,6 +19,7 @@ from .config import Config, apply_overrides, from_dict, from_stored, legacy_reci
 from .distributed import Distributed, is_collective_failure
 from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import CheckpointError, ExitCode, UserError
+from .files import atomic_write
 from .hardware import check_world_size
 from .lease import RunLease
 from .model import load_model_definition
@@ -103,9 +104,8 @@ def write_last_exit(run_dir: Path, code: int) -> None:
     """Rank 0's exit code, for the supervisor: torchrun reports any failing job as plain exit 1, which
     would hide a config error (2), a divergence (65) or a graceful stop (75)."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        RunDir(run_dir).last_exit_file.write_text(json.dumps({"code": int(code), "time": utc_now()}) + "\n")
-    except OSError:
+        atomic_write(RunDir(run_dir).last_exit_file, json.dumps({"code": int(code), "time": utc_now()}) + "\n")
+    except (OSError, UserError):
         pass  # a full disk must not replace the real error
 
 
@@ -125,6 +125,7 @@ class Session:
         target = resolve(request.resume_from) if request.resume_from is not None else None
         run_dir = self._run_folder(resume, target)
         self._take_lease(run_dir)
+        RunDir(run_dir).check_files()  # a FIFO or a device in place of a run file: one line now, never a hang
         if not resume and RunDir(run_dir).has_checkpoints():
             if request.auto_resume:
                 resume = True
@@ -163,6 +164,8 @@ class Session:
         """The run folder this command writes: --run-dir; for --resume-from, the run folder the checkpoint
         is in (never a folder named inside the checkpoint); for --resume, the most recent run."""
         request = self.request
+        if not resume and request.auto_resume and request.run_dir is not None:
+            return request.run_dir  # resumed or started once the lease is held
         if not resume:
             stem = Path(request.config).stem if request.config else "demo"
             return _fresh_run_dir(request.run_dir, stem, self.say)
@@ -174,9 +177,13 @@ class Session:
         from .lease import Holder
 
         run = RunDir(run_dir)
-        lease = run.lease(Holder.me(), run.store(self._user_ckpt_config()))
+        store = run.store(self._user_ckpt_config())
+        lease = run.lease(Holder.me(), store)
         lease.acquire(self.request.wait_for_lock, say=self.say)
         self.lease = lease
+        entries = store.entries()
+        if entries:  # under the lease nobody else writes: what killed saves and deletions left is garbage
+            store.sweep(list(entries)[-1])
 
     def release(self) -> None:
         if self.lease is not None:

@@ -45,7 +45,7 @@ from .. import lease as leases
 from ..errors import CheckpointError
 from ..lease import UNKNOWN, Holder
 from .format import DATA_FILES, MANIFEST_FILE, _crash_point, _pid_alive, read_listed_meta, verify_checkpoint
-from .store import LEASE_NAME, NAME_RE, PIN_SUFFIX, SUPERSEDED, Entry
+from .store import LEASE_NAME, NAME_RE, PIN_SUFFIX, SUPERSEDED, Entry, superseded_of
 
 COMMIT_SUFFIX = ".committed"
 MARKER_FORMAT = "yolo-resume-remote-commit"
@@ -334,6 +334,11 @@ class ObjectStore:
         are all older than `older_than` (server time), so a concurrent writer elsewhere is spared."""
         removed = []
         for folder, files in listing.files.items():
+            if SUPERSEDED in folder and superseded_of(folder) not in listing.markers:
+                # A copy moved aside lives as long as the checkpoint that replaced it (as in a folder).
+                self.call("removing", self.url_of(folder), self.fs.rm, [self.path(folder, rel) for rel in files])
+                removed.append(folder)
+                continue
             if folder in listing.markers or not folder.startswith("ckpt-") or SUPERSEDED in folder:
                 continue
             times = [modified_time(info) for info in files.values()]

@@ -35,6 +35,11 @@ LEASE_NAME = ".lease"  # the single-writer lease: a lock file in a folder, a lea
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
 
+def superseded_of(name: str) -> str:
+    """`ckpt-N` of a moved-aside copy `ckpt-N.superseded-<time>`."""
+    return name.split(SUPERSEDED, 1)[0]
+
+
 def checkpoint_name(global_step: int) -> str:
     return f"ckpt-{global_step:09d}"
 
@@ -207,9 +212,18 @@ class LocalStore:
         marker.touch()
 
     def sweep(self, committed: str) -> None:
-        """Finish deletions that a kill interrupted (see `delete`)."""
-        for entry in self.directory.glob(f"{TRASH_PREFIX}*"):
-            shutil.rmtree(entry, ignore_errors=True)
+        """Finish deletions that a kill interrupted (see `delete`), and drop copies moved aside by a
+        commit of the same name (`.superseded-*`) once the checkpoint that replaced them is gone too:
+        a moved-aside copy lives as long as its replacement, so retention bounds both."""
+        if not self.directory.is_dir():
+            return
+        committed_names = set(self.entries())
+        for entry in self.directory.iterdir():
+            name = entry.name
+            if name.startswith(TRASH_PREFIX) or (SUPERSEDED in name and superseded_of(name) not in committed_names):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
 
     def lease(self, holder: Holder) -> Lease:
-        return FileLease(self.directory / LEASE_NAME, holder)
+        """A flock on a sibling file (`<parent>/.<folder>.lease`): taking it creates no checkpoints folder."""
+        return FileLease(self.directory.parent / f".{self.directory.name}{LEASE_NAME}", holder)
