@@ -156,3 +156,48 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[-1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+WATCHING_CHILD = textwrap.dedent(
+    """
+    import signal, sys, time
+    from yolo_resume.stopping import watch_parent
+    marker = sys.argv[1]
+    signal.signal(signal.SIGTERM, lambda *a: (open(marker, "w").write("SIGTERM"), sys.exit(0)))
+    assert watch_parent(poll_s=0.05) is not None
+    open(marker + ".ready", "w").close()
+    time.sleep(120)
+    """
+)
+PARENT = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    env = {**os.environ, "YOLO_RESUME_SUPERVISOR_PID": str(os.getpid())}
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=env, start_new_session=True)
+    print(child.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_without_a_parent_death_signal_the_attempt_still_notices_its_supervisor_died(tmp_path):
+    """The fallback where PR_SET_PDEATHSIG is unavailable: the attempt watches its parent."""
+    marker = tmp_path / "child.signal"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, WATCHING_CHILD, str(marker)], stdout=subprocess.PIPE, text=True
+    )
+    child = int(parent.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "child.signal.ready").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        kill(parent)
+        deadline = time.monotonic() + 10
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the attempt did not notice its parent died"
+            time.sleep(0.05)
+        assert marker.read_text() == "SIGTERM"
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)

@@ -167,10 +167,9 @@ def describe(store: Store, entry: Entry, deep: bool) -> CheckpointInfo:
         if getattr(err, "unavailable", False):
             raise
         info.meta, info.error = None, str(err)
-    except (RecursionError, MemoryError, ValueError, TypeError, KeyError, UnicodeError, OSError) as err:
+    except (RecursionError, MemoryError, ValueError, TypeError, KeyError, UnicodeError) as err:
         # A crafted checkpoint must cost its own use, never the whole command: skipped, with the reason.
-        if getattr(err, "unavailable", False):
-            raise
+        # (Not OSError: a disk or permission error is the store failing, and must not make prune delete it.)
         info.meta = None
         info.error = (
             f"checkpoint {info.path}: cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
