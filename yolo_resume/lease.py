@@ -141,6 +141,12 @@ class FileLease:
             data = os.pread(fd, HOLDER_MAX_BYTES, 0)
             os.close(fd)
             return Holder.from_bytes(data) or UNKNOWN
+        except OSError as exc:  # e.g. ENOLCK: a network filesystem mounted without lock support
+            os.close(fd)
+            raise UserError(
+                f"cannot lock {self.path} ({exc.strerror}): the run folder's filesystem must support locks "
+                "(for NFS, mount without `nolock`), so that two trainings never write one run"
+            ) from None
         # Ours: say who holds it (the content is only ever read by a process refused the lock).
         os.ftruncate(fd, 0)
         os.pwrite(fd, self.holder.to_bytes(), 0)

@@ -221,12 +221,13 @@ def _ranges(steps: list[int]) -> list[tuple[int, int]]:
 
 
 def last_logged_step(path: Path) -> int | None:
-    """The highest global step in the step log (what the interrupted segment had reached)."""
+    """The highest global step in the step log (what the interrupted segment had reached: a row torn by
+    the kill counts, its step was trained)."""
     text = read_text(path, STEP_LOG_FIX)
     if text is None:
         return None
-    steps = [_parse_step_row(line) for line in text.splitlines(keepends=True)[1:]]
-    return max((s for s in steps if s is not None), default=None)
+    firsts = (line.split(",", 1)[0] for line in text.splitlines()[1:])
+    return max((int(first) for first in firsts if first.isdigit() and len(first) < 19), default=None)
 
 
 def write_results_csv(path: Path, history: list[dict]) -> None:
