@@ -164,7 +164,7 @@ class Session:
         """The run folder this command writes: --run-dir; for --resume-from, the run folder the checkpoint
         is in (never a folder named inside the checkpoint); for --resume, the most recent run."""
         request = self.request
-        if not resume and request.auto_resume and request.run_dir is not None:
+        if not resume and request.run_dir is not None and (request.auto_resume or _torchrun_restarted(request.run_dir)):
             return request.run_dir  # resumed or started once the lease is held
         if not resume:
             stem = Path(request.config).stem if request.config else "demo"
@@ -227,7 +227,7 @@ class Session:
         config = self.request.config
         if not resume:
             return load_config(config), None
-        info = self._resume_point(run_dir, target)
+        _, info = self._resume_point(run_dir, target)
         cfg = load_config(config) if config else from_stored(info.meta["config"], source=f"checkpoint {info.path}")
         self.say(
             f"resuming run [bold]{run_dir}[/bold] from {info.name} (epoch {info.get('epoch')}, "
@@ -235,15 +235,15 @@ class Session:
         )
         return cfg, info
 
-    def _resume_point(self, run_dir: Path, target: Target | None) -> CheckpointInfo:
-        """The checkpoint to resume: the one --resume-from names, or the newest valid one of the run."""
+    def _resume_point(self, run_dir: Path, target: Target | None = None) -> tuple[Path, CheckpointInfo]:
+        """(run folder, checkpoint to resume): the one --resume-from names, or the newest valid one of the run."""
         if target is not None:
             info = target.one().info(deep=True)
             if not info.valid:
                 raise CheckpointError(info.error)
             where = "into --run-dir" if self.request.run_dir is not None else "in place, in its own run folder"
             self.say(f"continuing {info.path} {where} {run_dir}")
-            return info
+            return run_dir, info
         manager = CheckpointManager(RunDir(run_dir).store())
         if not manager.list():
             raise UserError(
@@ -258,7 +258,7 @@ class Session:
             raise CheckpointError(
                 f"no valid checkpoint in `{manager.directory}` (all failed verification; see `yolo-resume ckpt verify`)"
             )
-        return info
+        return run_dir, info
 
     # -- training (every rank) --------------------------------------------------------------------
     def train(self, plan: Plan) -> int:

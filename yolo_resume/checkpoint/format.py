@@ -1174,22 +1174,29 @@ class _ReferenceChecker(_Decoder):
 
 
 def _verify(path: Path) -> tuple[Any, dict]:
-    """Full verification; returns (skeleton, meta) so that loading does not parse twice. Everything cheap
-    comes first (sizes against the manifest, the small files, the header against the file size and the
-    state, the bytes actually on disk), so a crafted checkpoint is refused before the tensor file is hashed."""
+    """Full verification; returns (skeleton, meta) so that loading does not parse twice. The cheap checks
+    come first (sizes against the manifest, the small JSON files, the bytes actually on disk: a sparse
+    file is refused), then the safetensors header against the file size, so a crafted tensor file costs
+    at most the bytes it really holds. A header error is reported after the hash: a flipped bit in it
+    is named for what it is, a SHA-256 mismatch."""
     entries = _check_structure(path)
     read = _local_reader(path)
     state_bytes = _read_listed(path, STATE_FILE, entries[STATE_FILE], read)
     meta_bytes = _read_listed(path, META_FILE, entries[META_FILE], read)
-    header = _read_header(path, entries[TENSORS_FILE].size)
     skeleton = _parse_json_file(path, STATE_FILE, state_bytes)
     meta = _decode_meta(_parse_json_file(path, META_FILE, meta_bytes))
+    _check_not_sparse(path)
+    try:
+        header, header_error = _read_header(path, entries[TENSORS_FILE].size), None
+    except CheckpointError as exc:
+        header, header_error = None, exc
+    _check_tensor_file_digest(path, entries[TENSORS_FILE])
+    if header_error is not None:
+        raise header_error
     try:
         _ReferenceChecker(header).decode_root(skeleton)
     except ValueError as exc:
         raise _refuse(path, STATE_FILE, str(exc)) from None
-    _check_not_sparse(path)
-    _check_tensor_file_digest(path, entries[TENSORS_FILE])
     return skeleton, meta
 
 
