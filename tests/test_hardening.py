@@ -271,3 +271,22 @@ def test_prune_without_flags_uses_the_runs_own_retention_and_says_so(straight, t
     assert (
         "would delete" in result.stdout and "ckpt-000000004" in result.stdout and "ckpt-000000008 " not in result.stdout
     )
+
+
+def test_prune_never_deletes_while_a_training_writes_the_run(straight, tmp_path):
+    import os
+
+    from typer.testing import CliRunner
+
+    from yolo_resume.cli import app
+    from yolo_resume.lease import Holder
+    from yolo_resume.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    for step in (4, 8):
+        shutil.copytree(final_ckpt(straight / "run", step), final_ckpt(run.path, step))
+    with run.lease(Holder.me()) as training:  # flock is per open file: this process's own lease conflicts too
+        training.acquire()
+        result = CliRunner().invoke(app, ["ckpt", "prune", str(run.path), "--keep-last", "1", "--keep-best", "0"])
+    assert result.exit_code == 2 and f"being written by pid {os.getpid()}" in result.output
+    assert final_ckpt(run.path, 4).is_dir()
