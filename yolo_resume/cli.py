@@ -71,23 +71,30 @@ def train(
         None, "--alert-cmd", help="Shell command run on each failure, restart, give-up and completion (JSON on stdin)."
     ),
     alert_webhook: str = typer.Option(None, "--alert-webhook", help="URL that receives the same JSON by POST."),
+    wait_for_lock: float = typer.Option(
+        None,
+        "--wait-for-lock",
+        min=0,
+        help="When another process is writing the run, wait up to SECONDS for it instead of exiting (code 2).",
+    ),
 ):
     """Train a detector; with --resume, continue an interrupted run exactly where it stopped."""
     if auto_resume:
         if run_dir is None:
             raise UserError("--auto-resume needs --run-dir: the run folder to resume, or to start when it is empty")
-        from .run_dir import RunDir
-
-        resume = resume or RunDir(run_dir).has_checkpoints()
     if nproc > 1 or max_restarts > 0 or alert_cmd or alert_webhook:
         from .launch import launch_supervised
+        from .run_dir import RunDir
 
+        if auto_resume:  # the attempts decide again, under the lease; this picks the first command
+            resume = resume or RunDir(run_dir).has_checkpoints()
         raise typer.Exit(
             launch_supervised(
                 sys.argv,
                 config=config,
                 run_dir=run_dir,
                 resume=resume or resume_from is not None,
+                resume_from=resume_from,
                 nproc=nproc,
                 max_restarts=max_restarts,
                 alert_cmd=alert_cmd,
@@ -113,6 +120,8 @@ def train(
         tensorboard=tensorboard,
         init_weights=init_weights,
         trust_pickle=trust_pickle,
+        auto_resume=auto_resume,
+        wait_for_lock=wait_for_lock,
     )
     try:
         code = run_training(request, say=out.print, warn=warn)
@@ -167,27 +176,80 @@ def ckpt_list(
 @user_errors
 def ckpt_prune(
     run: str = typer.Argument(None, help="Run folder or checkpoint URL prefix (default: the most recent run)."),
-    keep_last: int = typer.Option(3, "--keep-last", min=0, help="Keep the newest N."),
-    keep_best: int = typer.Option(1, "--keep-best", min=0, help="Keep the K best by fitness."),
-    keep_every: int = typer.Option(0, "--keep-every", min=0, help="Keep epoch-end checkpoints every E epochs."),
+    keep_last: int = typer.Option(None, "--keep-last", min=0, help="Keep the newest N (default: the run's own)."),
+    keep_best: int = typer.Option(None, "--keep-best", min=0, help="Keep the K best by fitness (default: the run's)."),
+    keep_every: int = typer.Option(
+        None, "--keep-every", min=0, help="Keep epoch-end checkpoints every E epochs (default: the run's)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print what would be deleted."),
 ):
-    """Delete checkpoints no policy keeps; pinned ones and the newest valid one always stay."""
+    """Delete checkpoints no policy keeps; pinned ones and the newest valid one always stay. Without flags,
+    the run's own retention settings (ckpt.keep_last / keep_best / keep_every of its config) apply."""
     from .checkpoint.manager import CheckpointManager
     from .checkpoint.ref import resolve
+    from .lease import Holder, RunLease
+    from .run_dir import RunDir, most_recent_run
 
     target = resolve(run)
     if target.name is not None:
         raise UserError(f"`{run}` is one checkpoint; `ckpt prune` takes a run folder or a checkpoint URL prefix")
     manager = CheckpointManager(target.store)
-    doomed = manager.prune(dry_run=True, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
+    policy, source = _run_retention(run, manager)
+    given = {"keep_last": keep_last, "keep_best": keep_best, "keep_every": keep_every}
+    policy |= {key: value for key, value in given.items() if value is not None}
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items() if v is not None)
+    settings = ", ".join(f"{k}={v}" for k, v in policy.items())
+    out.print(f"retention: {settings} ({source}{'; overridden by ' + flags if flags else ''})", soft_wrap=True)
+    doomed = manager.prune(dry_run=True, **policy)
     freed = sum(info.size_bytes() for info in doomed)
     verb = "would delete" if dry_run else "deleting"
     for info in doomed:
         out.print(f"{verb} {info.path} ({_human_bytes(info.size_bytes())})")
     if not dry_run:
-        manager.prune(keep_last=keep_last, keep_best=keep_best, keep_every=keep_every)
+        # Deleting is writing: never while a training writes the run (one writer per run).
+        folder = RunDir(run if run is not None else most_recent_run()) if not is_remote_arg(run) else None
+        if folder is not None and folder.default_checkpoints != Path(str(target.store.location)):
+            folder = None if not folder.names_a_store() else folder  # `run` named a bare checkpoints folder
+        lease = (
+            folder.lease(Holder.me(), target.store)
+            if folder is not None
+            else RunLease(str(target.store.location), [target.store.lease(Holder.me())])
+        )
+        with lease:
+            lease.acquire()
+            manager.prune(**policy)
+            entries = target.store.entries()
+            if entries:
+                target.store.sweep(list(entries)[-1])
     out.print(f"{len(doomed)} checkpoint(s), {_human_bytes(freed)} {'would be ' if dry_run else ''}freed")
+
+
+def is_remote_arg(arg: str | None) -> bool:
+    from .checkpoint.store import is_remote
+
+    return arg is not None and is_remote(arg)
+
+
+def _run_retention(run: str | None, manager) -> tuple[dict[str, int], str]:
+    """The retention settings of the run itself, and where they were read: its config.yaml, else the
+    config stored in its newest checkpoint (a URL prefix has no run folder), else the defaults (said so)."""
+    from .config import CkptConfig
+    from .run_dir import RunDir, most_recent_run
+
+    def settings(ckpt) -> dict[str, int]:
+        return {"keep_last": ckpt.keep_last, "keep_best": ckpt.keep_best, "keep_every": ckpt.keep_every}
+
+    if not is_remote_arg(run):
+        folder = RunDir(run if run is not None else most_recent_run())
+        saved = folder.saved_ckpt_config() if folder.path.is_dir() else None
+        if saved is not None:
+            return settings(saved), f"the run's own settings, from {folder.config_file}"
+    for info in reversed(manager.list()):
+        stored = ((info.meta or {}).get("config") or {}).get("ckpt") or {}
+        if info.valid and all(isinstance(stored.get(k), int) for k in ("keep_last", "keep_best", "keep_every")):
+            picked = {k: int(stored[k]) for k in ("keep_last", "keep_best", "keep_every")}
+            return picked, f"the run's own settings, from the config stored in {info.name}"
+    return settings(CkptConfig()), "no config of this run was found: the defaults"
 
 
 @ckpt_app.command("pin")

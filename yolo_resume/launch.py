@@ -16,7 +16,8 @@ from . import USER_OMP_NUM_THREADS
 
 # Options the launcher consumes; workers never see them (so a worker never launches again).
 LAUNCHER_OPTIONS = ("--nproc", "--max-restarts", "--alert-cmd", "--alert-webhook")
-LAUNCHER_FLAGS = ("--auto-resume",)  # decided once by the launcher; restarts use --resume
+# --auto-resume stays on every attempt: each one decides, under the run's lease, whether there is a checkpoint.
+LAUNCHER_FLAGS: tuple[str, ...] = ()
 # Options that only make sense for the first attempt: a restart continues the run's own checkpoint.
 FIRST_ATTEMPT_OPTIONS = ("--init-weights", "--resume-from")
 FIRST_ATTEMPT_FLAGS = ("--trust-pickle",)
@@ -85,6 +86,7 @@ def launch_supervised(
     config: Path | None,
     run_dir: Path | None,
     resume: bool,
+    resume_from: str | None = None,
     nproc: int,
     max_restarts: int,
     alert_cmd: str | None,
@@ -95,7 +97,7 @@ def launch_supervised(
     from .session import plan_run_dir
     from .supervisor import supervise
 
-    run_dir = plan_run_dir(config, run_dir, resume, say)
+    run_dir = plan_run_dir(config, run_dir, resume, say, resume_from)
     if nproc > 1 and USER_OMP_NUM_THREADS is None:
         # N processes of one thread per core each would oversubscribe the CPU (and torchrun keeps an
         # inherited OMP_NUM_THREADS): share the cores out, as torchrun does when nothing is set.

@@ -12,22 +12,31 @@ import json
 import os
 from pathlib import Path
 
+from .files import check_regular, read_text
 from .provenance import utc_now
 from .run_dir import RunDir
 
 KILLED = "killed (no clean exit: SIGKILL, OOM killer, power loss or machine crash)"
 
 
+SEGMENTS_FIX = "move it away (a new segment log is started) and resume again"
+_log_repairs: dict[str, dict] = {}  # run folder -> what RunLog.on_resume repaired in steps.csv, for the lineage
+
+
+def record_log_repair(run_dir: Path, repair: dict) -> None:
+    _log_repairs[str(Path(run_dir))] = repair
+
+
 def read_segments(run_dir: Path) -> list[dict]:
-    path = RunDir(run_dir).segments_file
-    if not path.exists():
-        return []
+    text = read_text(RunDir(run_dir).segments_file, SEGMENTS_FIX)
     records = []
-    for line in path.read_text().splitlines():
+    for line in (text or "").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill mid-write
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill mid-write, or garbage
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -43,7 +52,7 @@ def last_segment_status(run_dir: Path) -> str | None:
         for r in records
         if r.get("event") == "end" and r.get("pid") == last.get("pid") and r.get("segment") == last.get("segment")
     ]
-    return ends[-1]["status"] if ends else KILLED
+    return str(ends[-1].get("status") or KILLED) if ends else KILLED
 
 
 class SegmentLog:
@@ -58,6 +67,7 @@ class SegmentLog:
 
     def _append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_regular(self.path, SEGMENTS_FIX)  # never open a FIFO: the append would block forever
         with self.path.open("a") as f:
             f.write(json.dumps({**self.base, "time": utc_now(), **record}) + "\n")
 
@@ -66,7 +76,7 @@ def interruption_entry(
     run_dir: Path, segment: int, resumed_from: str, resumed_step: int, last_logged_step: int | None
 ) -> dict:
     """The lineage record of a resume: from where, and why the previous segment stopped."""
-    return {
+    entry = {
         "segment": segment,
         "resumed_from": resumed_from,
         "resumed_at_step": resumed_step,
@@ -74,3 +84,7 @@ def interruption_entry(
         "previous_segment_ended": last_segment_status(run_dir) or "unknown (no segment log in this run folder)",
         "steps_redone": max((last_logged_step or resumed_step) - resumed_step, 0),
     }
+    repair = _log_repairs.pop(str(Path(run_dir)), None)
+    if repair:
+        entry["steps_log_repaired"] = repair
+    return entry

@@ -8,21 +8,28 @@
 <run>/results.png        drawn from results.csv, resume points marked
 <run>/segments.jsonl     one line per process that trained the run, and how it ended
 <run>/last_exit.json     rank 0's exit code under torchrun, for the supervisor
+<run>/store.json         where the checkpoints live (a copy of config.yaml's ckpt.dir, for a torn config.yaml)
+<run>/.lock              the run folder's single-writer lock (flock; see lease.py)
 <run>/tensorboard/       with --tensorboard
+
+Files that resume depends on (config.yaml, store.json) are written by temp file + fsync + rename.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, UserError
+from .files import RunFileError, atomic_write, check_regular, read_text
 
 if TYPE_CHECKING:
     from .checkpoint.manager import CheckpointManager
     from .checkpoint.store import Store
-    from .config import CkptConfig
+    from .config import CkptConfig, Config
+    from .lease import Holder, RunLease
 
 RUNS_ROOT = Path("runs")
 
@@ -42,6 +49,8 @@ class RunDir:
     SEGMENTS = "segments.jsonl"
     LAST_EXIT = "last_exit.json"
     TENSORBOARD = "tensorboard"
+    STORE = "store.json"
+    LOCK = ".lock"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -89,29 +98,91 @@ class RunDir:
     def tensorboard_dir(self) -> Path:
         return self.path / self.TENSORBOARD
 
+    @property
+    def store_file(self) -> Path:
+        return self.path / self.STORE
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / self.LOCK
+
+    def check_files(self) -> None:
+        """Every run file that exists is a regular file (RunFileError naming it otherwise): they are
+        read and appended to, and opening a FIFO would block forever."""
+        for path in (
+            self.config_file,
+            self.store_file,
+            self.steps_file,
+            self.results_file,
+            self.segments_file,
+            self.last_exit_file,
+        ):
+            check_regular(path)
+
+    def write_config(self, cfg: Config) -> None:
+        """The run's resolved config, and (separately) where its checkpoints live: both atomic, so a
+        kill mid-write leaves the old file, and a torn config.yaml still leaves the store findable."""
+        atomic_write(self.store_file, json.dumps({"dir": cfg.ckpt.dir, "storage_options": cfg.ckpt.storage_options}))
+        atomic_write(self.config_file, cfg.to_yaml())
+
     # -- its checkpoints -----------------------------------------------------------------------
     def saved_ckpt_config(self) -> CkptConfig | None:
         """The `ckpt` section of the run's saved config.yaml, read as every config is (validated);
-        None when there is no readable one (the checkpoints are then in the default place)."""
+        None when there is no readable one."""
         from .config import load_config
 
-        if not self.config_file.is_file():
+        try:
+            if read_text(self.config_file) is None:
+                return None
+        except RunFileError:
             return None
         try:
             return load_config(self.config_file).ckpt
         except ConfigError:
             return None
 
+    def saved_location(self) -> tuple[str, dict[str, Any]] | None:
+        """(ckpt.dir, ckpt.storage_options) this run folder names: store.json's (atomic, written with
+        config.yaml), else the ckpt section of config.yaml (runs of older versions; a config.yaml torn
+        by a kill has none); None when neither says."""
+        try:
+            doc = json.loads(read_text(self.store_file) or "null")
+        except (ValueError, RunFileError):
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("dir"), str) and isinstance(doc.get("storage_options"), dict):
+            return doc["dir"], doc["storage_options"]
+        try:
+            text = read_text(self.config_file) or ""
+        except RunFileError:
+            return None
+        if not any(line.startswith("ckpt:") for line in text.splitlines()):
+            return None  # missing, empty or torn before its ckpt section: it names nothing
+        ckpt = self.saved_ckpt_config()
+        return (ckpt.dir, dict(ckpt.storage_options)) if ckpt is not None else None
+
+    def names_a_store(self) -> bool:
+        return self.saved_location() is not None
+
     def store(self, ckpt: CkptConfig | None = None) -> Store:
         """Where the run's checkpoints live: `ckpt.dir` (a folder, or a URL read with
-        `ckpt.storage_options`, staged in `<run>/.staging`) of `ckpt`, else of the saved config,
-        else `<run>/checkpoints`."""
+        `ckpt.storage_options`, staged in `<run>/.staging`) of `ckpt`, else of the run folder's own
+        record (`saved_location`), else `<run>/checkpoints`."""
         from .checkpoint.store import open_store
 
-        ckpt = ckpt if ckpt is not None else self.saved_ckpt_config()
-        if ckpt is None or not ckpt.dir:
+        if ckpt is not None:
+            location = (ckpt.dir, ckpt.storage_options)
+        else:
+            location = self.saved_location() or ("", {})
+        if not location[0]:
             return open_store(self.default_checkpoints)
-        return open_store(ckpt.dir, ckpt.storage_options, staging_dir=self.staging)
+        return open_store(location[0], location[1], staging_dir=self.staging)
+
+    def lease(self, holder: Holder, store: Store | None = None) -> RunLease:
+        """The single-writer lease of this run: its folder's lock and its checkpoint store's lease."""
+        from .lease import FileLease, RunLease
+
+        store = store if store is not None else self.store()
+        return RunLease(str(self.path), [FileLease(self.lock_file, holder), store.lease(holder)])
 
     def checkpoints(self, ckpt: CkptConfig) -> CheckpointManager:
         """The manager of the run's checkpoints with the config's retention and async settings. A

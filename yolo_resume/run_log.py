@@ -8,15 +8,18 @@ writes: on the other ranks every method does nothing (or only reads).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .lineage import SegmentLog
+from .files import atomic_write, check_regular, read_text
+from .lineage import SegmentLog, record_log_repair
 from .model import LOSS_NAMES
 from .plots import plot_results
 from .run_dir import RunDir
@@ -44,7 +47,7 @@ class RunLog:
         if not self.is_main:
             return
         if resumed_from is None:
-            truncate_step_log(self.run_dir.steps_file, 0)  # a fresh start owns the run folder's logs
+            repair_step_log(self.run_dir.steps_file, 0)  # a fresh start owns the run folder's logs
         self._segment = SegmentLog(self.run_dir.path, segment, resumed_from)
 
     def on_end(self, status: str) -> None:
@@ -57,7 +60,10 @@ class RunLog:
         trained again). Returns the step the log had reached, for the lineage."""
         reached = last_logged_step(self.run_dir.steps_file)
         if self.is_main:
-            truncate_step_log(self.run_dir.steps_file, global_step)
+            repair = repair_step_log(self.run_dir.steps_file, global_step)
+            if repair.message:
+                self.notice(repair.message)
+            record_log_repair(self.run_dir.path, repair.lineage())
         return reached
 
     # -- training ---------------------------------------------------------------------------------
@@ -123,8 +129,11 @@ class RunLog:
 
 
 # -- the files ------------------------------------------------------------------------------------
+STEP_LOG_FIX = "move it away (the log is rebuilt from the next step on) and resume again"
+
+
 def append_step_log(path: Path, state: TrainState, losses: list[float], lr: float) -> None:
-    new = not path.exists()
+    new = not check_regular(path, STEP_LOG_FIX)  # never open a FIFO: the append would block forever
     with path.open("a", newline="") as f:
         writer = csv.writer(f)
         if new:
@@ -132,29 +141,93 @@ def append_step_log(path: Path, state: TrainState, losses: list[float], lr: floa
         writer.writerow([state.global_step, state.epoch, state.step_in_epoch, repr(lr), *map(repr, losses)])
 
 
-def truncate_step_log(path: Path, global_step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from (those steps are trained again), and any
-    torn last line from a kill mid-write. Atomic, so a kill here cannot lose the log."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
+@dataclass
+class StepLogRepair:
+    """What resuming did to steps.csv: rows dropped as torn or garbage, duplicate steps, steps missing."""
 
-    def keep(line: str) -> bool:
-        fields = line.rstrip("\n").split(",")
-        complete = line.endswith("\n") and len(fields) == len(STEP_FIELDS) and fields[0].isdigit()
-        return complete and int(fields[0]) <= global_step
+    dropped: int = 0
+    duplicates: int = 0
+    missing: list[tuple[int, int]] = field(default_factory=list)  # inclusive ranges of global steps
 
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text("".join([f"{','.join(STEP_FIELDS)}\n"] + [ln for ln in lines[1:] if keep(ln)]))
-    tmp.replace(path)
+    @property
+    def message(self) -> str:
+        parts = []
+        if self.dropped:
+            parts.append(f"dropped {self.dropped} torn or unreadable row(s)")
+        if self.duplicates:
+            parts.append(f"removed {self.duplicates} duplicate row(s)")
+        if self.missing:
+            spans = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in self.missing)
+            parts.append(
+                f"it has no rows for global step(s) {spans}, trained before the checkpoint but lost from the log "
+                "(a crash or power loss before they reached the disk); they are not trained again, so the gap stays "
+                "(recorded in the lineage)"
+            )
+        return f"steps.csv repaired: {'; '.join(parts)}" if parts else ""
+
+    def lineage(self) -> dict:
+        """The lineage entry's record of the repair (empty when there was nothing to repair)."""
+        if not (self.dropped or self.duplicates or self.missing):
+            return {}
+        return {"dropped_rows": self.dropped, "duplicate_rows": self.duplicates, "missing_steps": self.missing}
+
+
+def _parse_step_row(line: str) -> int | None:
+    """The global step of a complete, well-formed row; None for the header, a torn row or garbage."""
+    fields = line.rstrip("\n").split(",")
+    if not line.endswith("\n") or len(fields) != len(STEP_FIELDS) or not fields[0].isdigit():
+        return None
+    try:
+        [float(v) for v in fields[1:]]
+    except ValueError:
+        return None
+    return int(fields[0])
+
+
+def repair_step_log(path: Path, global_step: int) -> StepLogRepair:
+    """Make the step log agree with the checkpoint we resume from: drop rows after `global_step` (those
+    steps are trained again), torn and garbage rows, and duplicates (two writers, an old version); report
+    the steps the checkpoint covers that the log lost. Atomic, so a kill here cannot lose the log."""
+    repair = StepLogRepair()
+    text = read_text(path, STEP_LOG_FIX)
+    if text is None:
+        return repair
+    rows: dict[int, str] = {}
+    for line in text.splitlines(keepends=True)[1:]:
+        step = _parse_step_row(line)
+        if step is None:
+            repair.dropped += line.rstrip("\n") != ",".join(STEP_FIELDS)
+            continue
+        if step > global_step:
+            continue
+        repair.duplicates += step in rows
+        rows[step] = line  # the later row of a step wins: it was written by the newer segment
+    if rows:
+        present = sorted(rows)
+        missing = sorted(set(range(present[0], global_step + 1)) - set(present))
+        repair.missing = _ranges(missing)
+    atomic_write(path, f"{','.join(STEP_FIELDS)}\n" + "".join(rows[step] for step in sorted(rows)))
+    return repair
+
+
+def _ranges(steps: list[int]) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for step in steps:
+        if spans and spans[-1][1] == step - 1:
+            spans[-1] = (spans[-1][0], step)
+        else:
+            spans.append((step, step))
+    return spans
 
 
 def last_logged_step(path: Path) -> int | None:
-    """The highest global step in the step log (what the interrupted segment had reached)."""
-    if not path.exists():
+    """The highest global step in the step log (what the interrupted segment had reached: a row torn by
+    the kill counts, its step was trained)."""
+    text = read_text(path, STEP_LOG_FIX)
+    if text is None:
         return None
-    steps = [int(ln.split(",", 1)[0]) for ln in path.read_text().splitlines()[1:] if ln.split(",", 1)[0].isdigit()]
-    return max(steps, default=None)
+    firsts = (line.split(",", 1)[0] for line in text.splitlines()[1:])
+    return max((int(first) for first in firsts if first.isdigit() and len(first) < 19), default=None)
 
 
 def write_results_csv(path: Path, history: list[dict]) -> None:
@@ -162,12 +235,9 @@ def write_results_csv(path: Path, history: list[dict]) -> None:
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in history:
-            writer.writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
-            )
-    tmp.replace(path)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()})
+    atomic_write(path, buffer.getvalue())

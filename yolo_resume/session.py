@@ -13,14 +13,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from .checkpoint.manager import CheckpointManager
-from .checkpoint.ref import CheckpointInfo, CheckpointRef, resolve
+from .checkpoint.ref import CheckpointInfo, CheckpointRef, Target, resolve
+from .checkpoint.store import is_remote
 from .config import Config, apply_overrides, from_dict, from_stored, legacy_recipe, load_config, set_key
 from .distributed import Distributed, is_collective_failure
 from .drift import BREAKING, Drift, config_drift, environment_drift
 from .errors import CheckpointError, ExitCode, UserError
+from .files import atomic_write
 from .hardware import check_world_size
+from .lease import RunLease
+from .model import load_model_definition
 from .provenance import utc_now
 from .run_dir import RunDir, most_recent_run, new_run_dir
+from .stopping import watch_parent
 from .trainer import Trainer
 
 
@@ -41,6 +46,8 @@ class TrainRequest:
     tensorboard: bool = False
     init_weights: Path | None = None
     trust_pickle: bool = False
+    auto_resume: bool = False  # --auto-resume: resume when the run has a checkpoint (decided under the lease)
+    wait_for_lock: float | None = None  # --wait-for-lock SECONDS: wait for another writer of the run
 
 
 @dataclass
@@ -65,6 +72,7 @@ def run_training(request: TrainRequest, say: Callable, warn: Callable[[str], Non
     """Train in this process: alone, or as one rank of a torchrun job (which rank 0 speaks for)."""
     if request.resume and request.init_weights is not None:
         raise UserError("--init-weights starts a new run; a resumed run continues from its own checkpoint")
+    watch_parent()  # an attempt of --max-restarts stops when its supervisor dies
     dist = Distributed.from_env()
     session = Session(request, dist, say, warn) if dist.is_main else Session(request, dist, _silent, _silent)
     plan, code = None, ExitCode.FAILED
@@ -88,6 +96,7 @@ def run_training(request: TrainRequest, say: Callable, warn: Callable[[str], Non
     finally:
         if dist.enabled and dist.is_main and plan:
             write_last_exit(plan.run_dir, code)
+        session.release()
         dist.close()
 
 
@@ -95,9 +104,8 @@ def write_last_exit(run_dir: Path, code: int) -> None:
     """Rank 0's exit code, for the supervisor: torchrun reports any failing job as plain exit 1, which
     would hide a config error (2), a divergence (65) or a graceful stop (75)."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        RunDir(run_dir).last_exit_file.write_text(json.dumps({"code": int(code), "time": utc_now()}) + "\n")
-    except OSError:
+        atomic_write(RunDir(run_dir).last_exit_file, json.dumps({"code": int(code), "time": utc_now()}) + "\n")
+    except (OSError, UserError):
         pass  # a full disk must not replace the real error
 
 
@@ -106,16 +114,27 @@ class Session:
 
     def __init__(self, request: TrainRequest, dist: Distributed, say: Callable, warn: Callable[[str], None]):
         self.request, self.dist, self.say, self.warn = request, dist, say, warn
+        self.lease: RunLease | None = None  # rank 0's hold on the run, from the plan to the end of training
 
     # -- the plan (rank 0) ------------------------------------------------------------------------
     def plan(self) -> Plan:
-        """Rank 0's decisions: run folder, config, checkpoint to resume."""
+        """Rank 0's decisions: run folder, config, checkpoint to resume. The run's lease is taken first
+        (one writer per run), so everything after it reads a run no other process is writing."""
         request = self.request
         resume = request.resume
-        if not resume and _torchrun_restarted(request.run_dir):
-            self.say(f"torchrun restarted this job: resuming run {request.run_dir} from its newest valid checkpoint")
-            resume = True
-        run_dir, cfg, info = self._choose_run(resume)
+        target = resolve(request.resume_from) if request.resume_from is not None else None
+        run_dir = self._run_folder(resume, target)
+        self._take_lease(run_dir)
+        RunDir(run_dir).check_files()  # a FIFO or a device in place of a run file: one line now, never a hang
+        if not resume and RunDir(run_dir).has_checkpoints():
+            if request.auto_resume:
+                resume = True
+            elif _torchrun_restarted(run_dir):
+                self.say(f"torchrun restarted this job: resuming run {run_dir} from its newest valid checkpoint")
+                resume = True
+            else:
+                _fresh_run_dir(run_dir, "", self.say)  # refuses: it got a checkpoint while we waited for it
+        cfg, info = self._choose_config(run_dir, resume, target)
         stored = info.meta["config"] if info is not None else None
         # Read once, with the meaning it had when saved; a stored config that no longer loads fails here.
         stored_cfg = from_stored(stored, source=f"checkpoint {info.path}") if stored is not None else None
@@ -124,7 +143,9 @@ class Session:
         _apply_cli_settings(cfg, list(request.overrides), request.epochs, request.device)
         if stored_cfg is not None:
             _keep_resolved_optimizer(cfg, stored_cfg)
+            self._write_where_the_run_folder_says(cfg, run_dir)
         check_world_size(cfg, self.dist.world_size)
+        load_model_definition(cfg.model.cfg)  # a bad or unsafe model YAML fails here, before any training
         complete = info is not None and _is_complete(info, cfg)
         if complete:
             self.say(
@@ -139,30 +160,90 @@ class Session:
             complete=complete,
         )
 
-    def _choose_run(self, resume: bool) -> tuple[Path, Config, CheckpointInfo | None]:
-        """(run folder, config, checkpoint to resume or None). On resume the config is the run's own,
-        unless the user hands in an edited one (then the drift table shows what changed)."""
-        config, run_dir = self.request.config, self.request.run_dir
+    def _run_folder(self, resume: bool, target: Target | None) -> Path:
+        """The run folder this command writes: --run-dir; for --resume-from, the run folder the checkpoint
+        is in (never a folder named inside the checkpoint); for --resume, the most recent run."""
+        request = self.request
+        if not resume and request.run_dir is not None and (request.auto_resume or _torchrun_restarted(request.run_dir)):
+            return request.run_dir  # resumed or started once the lease is held
         if not resume:
-            stem = Path(config).stem if config else "demo"
-            return _fresh_run_dir(run_dir, stem, self.say), load_config(config), None
-        run_dir, info = self._resume_point(run_dir)
+            stem = Path(request.config).stem if request.config else "demo"
+            return _fresh_run_dir(request.run_dir, stem, self.say)
+        if target is not None:
+            return request.run_dir if request.run_dir is not None else _in_place_run_dir(request.resume_from)
+        return request.run_dir or most_recent_run()
+
+    def _take_lease(self, run_dir: Path) -> None:
+        from .lease import Holder
+
+        run = RunDir(run_dir)
+        store = run.store(self._user_ckpt_config())
+        lease = run.lease(Holder.me(), store)
+        lease.acquire(self.request.wait_for_lock, say=self.say)
+        self.lease = lease
+        entries = store.entries()
+        if entries:  # under the lease nobody else writes: what killed saves and deletions left is garbage
+            store.sweep(list(entries)[-1])
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def _user_ckpt_config(self):
+        """The ckpt section the user's own command names (--config, --set ckpt.*), else None (the run
+        folder decides)."""
+        if not self._user_names_the_store():
+            return None
+        cfg = load_config(self.request.config)
+        apply_overrides(cfg, [o for o in self.request.overrides if o.startswith("ckpt.")])
+        return cfg.ckpt
+
+    def _user_names_the_store(self) -> bool:
+        overrides = self.request.overrides
+        return self.request.config is not None or any(
+            o.startswith(("ckpt.dir=", "ckpt.storage_options")) for o in overrides
+        )
+
+    def _write_where_the_run_folder_says(self, cfg: Config, run_dir: Path) -> None:
+        """A resumed run writes its checkpoints where its run folder keeps them (or where the user's
+        command says), never where the checkpoint's stored config says: a checkpoint copied from
+        another run must not write into, rewind or prune that run."""
+        if self._user_names_the_store():
+            return
+        location = RunDir(run_dir).saved_location() or ("", {})
+        if (cfg.ckpt.dir, cfg.ckpt.storage_options) != (location[0], location[1]):
+            stored = cfg.ckpt.dir or "its run's checkpoints folder"
+            self.say(
+                f"checkpoints go to {RunDir(run_dir).store(None).location} (the checkpoint's config said {stored})"
+            )
+        cfg.ckpt.dir, cfg.ckpt.storage_options = location[0], dict(location[1])
+
+    def _choose_config(
+        self, run_dir: Path, resume: bool, target: Target | None
+    ) -> tuple[Config, CheckpointInfo | None]:
+        """(config, checkpoint to resume or None). On resume the config is the run's own, unless the
+        user hands in an edited one (then the drift table shows what changed)."""
+        config = self.request.config
+        if not resume:
+            return load_config(config), None
+        _, info = self._resume_point(run_dir, target)
         cfg = load_config(config) if config else from_stored(info.meta["config"], source=f"checkpoint {info.path}")
         self.say(
             f"resuming run [bold]{run_dir}[/bold] from {info.name} (epoch {info.get('epoch')}, "
             f"step {info.get('step_in_epoch')} of the epoch, global step {info.get('global_step')})"
         )
-        return run_dir, cfg, info
+        return cfg, info
 
-    def _resume_point(self, run_dir: Path | None) -> tuple[Path, CheckpointInfo]:
-        """(run folder, checkpoint) to resume: the one --resume-from names, or the newest valid one of the run."""
-        resume_from = self.request.resume_from
-        if resume_from is not None:
-            info = resolve(resume_from).one().info(deep=True)
+    def _resume_point(self, run_dir: Path, target: Target | None = None) -> tuple[Path, CheckpointInfo]:
+        """(run folder, checkpoint to resume): the one --resume-from names, or the newest valid one of the run."""
+        if target is not None:
+            info = target.one().info(deep=True)
             if not info.valid:
                 raise CheckpointError(info.error)
-            return run_dir or _run_dir_of(info, resume_from), info
-        run_dir = run_dir or most_recent_run()
+            where = "into --run-dir" if self.request.run_dir is not None else "in place, in its own run folder"
+            self.say(f"continuing {info.path} {where} {run_dir}")
+            return run_dir, info
         manager = CheckpointManager(RunDir(run_dir).store())
         if not manager.list():
             raise UserError(
@@ -191,8 +272,7 @@ class Session:
         else:
             self._start_fresh(trainer)
         if self.dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            RunDir(run_dir).config_file.write_text(cfg.to_yaml())
+            RunDir(run_dir).write_config(cfg)
         trainer.stop_after_steps = request.stop_after_steps
         if request.tensorboard:
             trainer.log.enable_tensorboard(trainer.state.global_step)
@@ -302,9 +382,11 @@ def _silent(*_args, **_kwargs) -> None:
     """What ranks other than 0 say: nothing (rank 0 speaks for the job)."""
 
 
-def plan_run_dir(config: Path | None, run_dir: Path | None, resume: bool, say) -> Path:
+def plan_run_dir(config: Path | None, run_dir: Path | None, resume: bool, say, resume_from: str | None = None) -> Path:
     """The run folder a `train` command will use, decided before any worker starts (see launch.py)."""
     if resume:
+        if run_dir is None and resume_from is not None:
+            return _in_place_run_dir(resume_from)
         return run_dir or most_recent_run()
     return _fresh_run_dir(run_dir, Path(config).stem if config else "demo", say)
 
@@ -323,6 +405,7 @@ def _is_complete(info, cfg: Config) -> bool:
 
 
 def _fresh_run_dir(run_dir: Path | None, stem: str, say) -> Path:
+    """--run-dir for a new run (refused when it holds checkpoints), else a new numbered `runs/<stem>`."""
     if run_dir is not None:
         if RunDir(run_dir).has_checkpoints():
             raise UserError(
@@ -339,12 +422,19 @@ def _fresh_run_dir(run_dir: Path | None, stem: str, say) -> Path:
     return chosen
 
 
-def _run_dir_of(info: CheckpointInfo, resume_from: str | Path) -> Path:
-    """Where a checkpoint given by --resume-from without --run-dir continues: the run folder it was saved in
-    when that is on this machine, else the run folder holding its `checkpoints` folder."""
-    stored = Path(info.get("run_dir") or "")
-    if stored.is_dir():
-        return stored
-    if not isinstance(info.path, Path):  # a URL: no local folder it lives in
-        raise UserError(f"pass --run-dir: the run folder of {resume_from} ({stored}) is not on this machine")
-    return Path(resume_from).resolve().parent.parent
+def _in_place_run_dir(resume_from: str | Path) -> Path:
+    """The run folder a local checkpoint lives in (`RUN/checkpoints/ckpt-N`, or `RUN/ckpt-N` of a run
+    whose checkpoints live elsewhere). Anything else needs --run-dir: the user says where it continues."""
+    if is_remote(resume_from):
+        raise UserError(
+            f"pass --run-dir: the run folder that continues {resume_from} (it is not in a local run folder)"
+        )
+    path = Path(resume_from).resolve()
+    if path.parent.name == RunDir.CHECKPOINTS:
+        return path.parent.parent
+    if RunDir(path.parent).names_a_store():
+        return path.parent
+    raise UserError(
+        f"pass --run-dir: {resume_from} is not inside a run folder (RUN/checkpoints/ckpt-N), "
+        "so the run folder that continues it is yours to choose"
+    )

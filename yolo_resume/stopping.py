@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Callable
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+SUPERVISOR_PID_ENV = "YOLO_RESUME_SUPERVISOR_PID"  # set by the supervisor for its attempts
+PARENT_POLL_S = 1.0
+
+
+def watch_parent(environ=os.environ, poll_s: float = PARENT_POLL_S) -> threading.Thread | None:
+    """An attempt of `--max-restarts` stops (SIGTERM to itself: finish the step, save, exit 75) when its
+    supervisor dies. The supervisor also asks the kernel for that (PR_SET_PDEATHSIG, Linux); this
+    watch is the fallback where that is unavailable. Only a direct child of the supervisor watches."""
+    text = environ.get(SUPERVISOR_PID_ENV, "")
+    if not text.isdigit() or os.getppid() != int(text):
+        return None
+    parent = int(text)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 class StopOnSignals:

@@ -21,12 +21,14 @@ over after one that made progress.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,8 +39,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from .alerts import Alerter, newest_checkpoint, signal_name
-from .errors import ExitCode
+from .errors import ExitCode, UserError
+from .files import read_text
 from .run_dir import RunDir
+from .stopping import SUPERVISOR_PID_ENV
 
 BACKOFF_ENV = "YOLO_RESUME_RESTART_BACKOFF_S"
 DEFAULT_BACKOFF_S = 5.0
@@ -266,7 +270,13 @@ class Supervisor:
         if self.stop_signal:
             return None
         try:
-            self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.child = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())},
+                preexec_fn=_die_with(os.getpid()),
+            )
         except OSError as exc:
             self.warn(f"could not start the training process: {exc}")
             return 127  # the shell's "command not found": a crash, restarted like one
@@ -326,6 +336,27 @@ class Supervisor:
             pass
 
 
+# The attempt must not outlive its supervisor (a SIGKILLed supervisor would leave it training, and the
+# rerun command would make two writers). libc is loaded here, in the parent: the child only calls prctl
+# between fork and exec, where loading a library is not safe.
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """preexec_fn: the kernel sends the child SIGTERM (finish the step, save, exit 75) when `parent` dies;
+    a parent already gone before that was set means exit at once. Elsewhere the child's own parent
+    watch (stopping.watch_parent) does it."""
+
+    def set_parent_death_signal() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
 def _reported_exit(run_dir: Path, since: float) -> int | None:
     """Rank 0's own exit code from `last_exit.json` (see session.write_last_exit), if this attempt wrote it:
     torchrun turns every failure into exit 1."""
@@ -333,8 +364,8 @@ def _reported_exit(run_dir: Path, since: float) -> int | None:
     try:
         if path.stat().st_mtime < since - 1:
             return None
-        code = json.loads(path.read_text()).get("code")
-    except (OSError, ValueError, AttributeError):
+        code = json.loads(read_text(path) or "null").get("code")  # a regular file only: a FIFO would hang us
+    except (OSError, ValueError, AttributeError, UserError):
         return None
     return code if isinstance(code, int) and not isinstance(code, bool) else None
 

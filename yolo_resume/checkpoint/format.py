@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -105,6 +106,13 @@ HEADER_MAX_BYTES = 100 << 20
 CHUNK_BYTES = 8 << 20
 MAX_NDIM = 64
 MAX_NAME_CHARS = 200
+# Deeper JSON than any state or metadata we write (~10 levels) is refused when parsed, before a recursive
+# walk over it could exhaust the interpreter stack (a crafted meta.json nested 900 deep).
+MAX_JSON_DEPTH = 64
+# A tensor file with fewer bytes on disk than this fraction of its size is sparse (holes): never written by
+# us (we write every byte), and hashing a crafted 4 TiB hole would take hours. Checked before hashing.
+SPARSE_CHECK_MIN_BYTES = 64 << 20
+MIN_ALLOCATED_FRACTION = 0.5
 
 _CORRUPT_FIX = "the checkpoint is corrupt or was tampered with; resume from an earlier checkpoint"
 _FOLDER_FIX = "pass a checkpoint folder written by yolo-resume"
@@ -186,12 +194,29 @@ def _loads_strict(data: bytes) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"not valid UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start})") from None
+    _check_depth(text)
     try:
         return json.loads(
             text, parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
         )
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _check_depth(text: str) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH without recursing: drop the strings, keep the
+    brackets, and take the maximum of their running sum (all in C: regex and numpy)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return  # too few brackets to be too deep: the common case costs two counts
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    steps = np.frombuffer(brackets, dtype=np.uint8)
+    depth = np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1), dtype=np.int64)
+    if depth.size and int(depth.max()) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1149,20 +1174,44 @@ class _ReferenceChecker(_Decoder):
 
 
 def _verify(path: Path) -> tuple[Any, dict]:
-    """Full verification; returns (skeleton, meta) so that loading does not parse twice."""
+    """Full verification; returns (skeleton, meta) so that loading does not parse twice. The cheap checks
+    come first (sizes against the manifest, the small JSON files, the bytes actually on disk: a sparse
+    file is refused), then the safetensors header against the file size, so a crafted tensor file costs
+    at most the bytes it really holds. A header error is reported after the hash: a flipped bit in it
+    is named for what it is, a SHA-256 mismatch."""
     entries = _check_structure(path)
-    _check_tensor_file_digest(path, entries[TENSORS_FILE])
     read = _local_reader(path)
     state_bytes = _read_listed(path, STATE_FILE, entries[STATE_FILE], read)
     meta_bytes = _read_listed(path, META_FILE, entries[META_FILE], read)
-    header = _read_header(path, entries[TENSORS_FILE].size)
     skeleton = _parse_json_file(path, STATE_FILE, state_bytes)
     meta = _decode_meta(_parse_json_file(path, META_FILE, meta_bytes))
+    _check_not_sparse(path)
+    try:
+        header, header_error = _read_header(path, entries[TENSORS_FILE].size), None
+    except CheckpointError as exc:
+        header, header_error = None, exc
+    _check_tensor_file_digest(path, entries[TENSORS_FILE])
+    if header_error is not None:
+        raise header_error
     try:
         _ReferenceChecker(header).decode_root(skeleton)
     except ValueError as exc:
         raise _refuse(path, STATE_FILE, str(exc)) from None
     return skeleton, meta
+
+
+def _check_not_sparse(path: Path) -> None:
+    info = os.lstat(path / TENSORS_FILE)
+    allocated = getattr(info, "st_blocks", None)
+    if allocated is None or info.st_size < SPARSE_CHECK_MIN_BYTES:
+        return
+    if allocated * 512 < info.st_size * MIN_ALLOCATED_FRACTION:
+        raise _refuse(
+            path,
+            TENSORS_FILE,
+            f"is a sparse file ({allocated * 512} of its {info.st_size} bytes are on disk); yolo-resume writes "
+            "every byte, so this file was crafted or damaged",
+        )
 
 
 def verify_checkpoint(path: Path) -> None:

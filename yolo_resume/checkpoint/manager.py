@@ -156,17 +156,24 @@ class CheckpointManager:
         return describe(self.store, entry, deep)
 
     def latest_valid(self, on_invalid: Callable[[CheckpointInfo], None] | None = None) -> CheckpointInfo | None:
-        """The newest checkpoint that fully verifies; invalid newer ones are reported and skipped.
-        (An object store keeps the copy it downloaded to verify, so that `load` does not fetch it again.)"""
-        for entry in reversed(list(self.store.entries().values())):
-            info = self._info(entry, deep=False)
+        """The newest checkpoint on the current timeline that fully verifies (see retention.newest_first:
+        after a branch, the branch's newest, not the abandoned steps'); invalid newer ones are reported
+        and skipped. (An object store keeps the copy it downloaded to verify, so `load` does not fetch it again.)"""
+        entries = self.store.entries()
+        infos = {name: self._info(entry, deep=False) for name, entry in entries.items()}
+        bad = [info for info in infos.values() if not info.valid]
+        order = retention.newest_first([info.candidate() for info in infos.values() if info.valid])
+        found = None
+        for candidate in order:
+            info = self._info(entries[candidate.name], deep=True)
             if info.valid:
-                info = self._info(entry, deep=True)
-            if info.valid:
-                return info
-            if on_invalid:
-                on_invalid(info)
-        return None
+                found = info
+                break
+            bad.append(info)
+        skipped = [b for b in bad if found is None or b.global_step > found.global_step]
+        for info in sorted(skipped, key=lambda i: i.global_step, reverse=True) if on_invalid else []:
+            on_invalid(info)
+        return found
 
     def load(self, name: str, map_location: str = "cpu") -> tuple[dict, dict]:
         """Verify a checkpoint of this store completely and return (state, meta)."""

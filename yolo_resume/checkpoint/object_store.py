@@ -41,9 +41,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .. import lease as leases
 from ..errors import CheckpointError
+from ..lease import UNKNOWN, Holder
 from .format import DATA_FILES, MANIFEST_FILE, _crash_point, _pid_alive, read_listed_meta, verify_checkpoint
-from .store import NAME_RE, PIN_SUFFIX, SUPERSEDED, Entry
+from .store import LEASE_NAME, NAME_RE, PIN_SUFFIX, SUPERSEDED, Entry, superseded_of
 
 COMMIT_SUFFIX = ".committed"
 MARKER_FORMAT = "yolo-resume-remote-commit"
@@ -332,6 +334,11 @@ class ObjectStore:
         are all older than `older_than` (server time), so a concurrent writer elsewhere is spared."""
         removed = []
         for folder, files in listing.files.items():
+            if SUPERSEDED in folder and superseded_of(folder) not in listing.markers:
+                # A copy moved aside lives as long as the checkpoint that replaced it (as in a folder).
+                self.call("removing", self.url_of(folder), self.fs.rm, [self.path(folder, rel) for rel in files])
+                removed.append(folder)
+                continue
             if folder in listing.markers or not folder.startswith("ckpt-") or SUPERSEDED in folder:
                 continue
             times = [modified_time(info) for info in files.values()]
@@ -425,6 +432,7 @@ class ObjectStore:
         """Write locally (fsynced, verified) into the staging folder, upload, check, commit by the marker."""
         from .format import write_checkpoint
 
+        self._check_lease(f"saving checkpoint {name}")
         staging = self.staging_dir()
         staging.mkdir(parents=True, exist_ok=True)
         for entry in staging.iterdir():  # staged copies of saves that were killed: scratch
@@ -443,7 +451,16 @@ class ObjectStore:
             shutil.rmtree(local, ignore_errors=True)
 
     def delete(self, name: str) -> None:
+        self._check_lease(f"deleting checkpoint {name}")
         self._delete(name, self._listing_of(name))
+
+    def lease(self, holder: Holder) -> ObjectLease:
+        return ObjectLease(self, holder)
+
+    def _check_lease(self, doing: str) -> None:
+        why = leases.lost(self.url)
+        if why is not None:
+            raise CheckpointError(f"{doing} in {self.url} refused: {why}; this process no longer writes the run")
 
     def pin(self, name: str, pinned: bool) -> None:
         if pinned:
@@ -613,3 +630,145 @@ class _reported_as:
         if isinstance(exc, CheckpointError) and self.local in str(exc):
             raise CheckpointError(str(exc).replace(self.local, self.url)) from None
         return False
+
+
+class ObjectLease:
+    """The single-writer lease of a prefix: the object `<prefix>/.lease` (see lease.py).
+
+    Taken by a create-if-absent put (`If-None-Match: *`), renewed every TTL/3 by a put conditional
+    on its own ETag (`If-Match`), given back by deleting it. A lease object not renewed within its
+    TTL (by the holder's clock, which it records) is stale: it is replaced by a put conditional on
+    that stale ETag, so two processes breaking it cannot both win. Filesystems without conditional
+    puts (anything but S3 here) get the best fsspec offers: an exclusive create (`mode="create"`),
+    a stale lease removed before that create, and a read-back of our token after each write."""
+
+    def __init__(self, store: ObjectStore, holder: Holder):
+        self.store, self.holder = store, holder
+        self.path, self.where = store.path(LEASE_NAME), store.url_of(LEASE_NAME)
+        self.etag: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self.conditional = any(p in ("s3", "s3a") for p in _protocols(store.fs))
+
+    # -- acquiring -------------------------------------------------------------------------------
+    def try_acquire(self) -> Holder | None:
+        if self._renewer is not None:
+            return None
+        self.holder.renewed = time.time()
+        if not self._create():
+            current, etag = self._read()
+            if current is None and etag is None:
+                return UNKNOWN  # deleted between our create and our read: try again
+            if current is not None and not current.expired():
+                return current
+            if not self._replace_stale(etag):
+                return current or UNKNOWN
+        self._renewer = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
+        self._renewer.start()
+        return None
+
+    def _create(self) -> bool:
+        try:
+            out = self.store.fs.pipe_file(self.path, self.holder.to_bytes(), mode="create")
+        except Exception as exc:
+            if _precondition_failed(exc):
+                return False
+            raise self.store._error("taking the lease", self.where, exc, 1) from exc
+        return self._confirm(out)
+
+    def _replace_stale(self, etag: str | None) -> bool:
+        """Break a stale lease: overwrite exactly the stale version (S3), else remove it and create."""
+        if self.conditional and etag:
+            try:
+                out = self.store.fs.pipe_file(self.path, self.holder.to_bytes(), IfMatch=etag)
+            except Exception as exc:
+                if _precondition_failed(exc) or isinstance(exc, FileNotFoundError):
+                    return False
+                raise self.store._error("breaking a stale lease", self.where, exc, 1) from exc
+            return self._confirm(out)
+        self.store.call("breaking a stale lease", self.where, self.store.fs.rm_file, self.path, missing_ok=True)
+        return self._create()
+
+    def _confirm(self, out: Any) -> bool:
+        """Ours after the write? Keep the ETag (from the put's answer, else a fresh read) for renewals."""
+        etag = out.get("ETag") if isinstance(out, dict) else None
+        if etag is None:
+            current, etag = self._read()
+            if current is None or current.token != self.holder.token:
+                return False
+        self.etag = etag
+        return True
+
+    def _read(self) -> tuple[Holder | None, str | None]:
+        fs = self.store.fs
+        fs.invalidate_cache()
+        info = self.store.call("reading the lease", self.where, fs.info, self.path, missing_ok=True)
+        if info is None:
+            return None, None
+        data = self.store.call("reading the lease", self.where, fs.cat_file, self.path, missing_ok=True)
+        etag = info.get("ETag") or info.get("etag") or str(info.get("created") or info.get("mtime") or "")
+        return (Holder.from_bytes(data) if data is not None else None), etag
+
+    # -- holding ---------------------------------------------------------------------------------
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.holder.ttl_s / 3):
+            try:
+                self.renew()
+            except CheckpointError:
+                continue  # a network error: try again at the next tick, the TTL leaves room for two
+            if leases.lost(self.store.url):
+                return
+
+    def renew(self) -> None:
+        self.holder.renewed = time.time()
+        data = self.holder.to_bytes()
+        if self.conditional and self.etag:
+            try:
+                out = self.store.fs.pipe_file(self.path, data, IfMatch=self.etag)
+                self.etag = out.get("ETag", self.etag) if isinstance(out, dict) else self.etag
+                return
+            except Exception as exc:
+                if not (_precondition_failed(exc) or isinstance(exc, FileNotFoundError)):
+                    raise self.store._error("renewing the lease", self.where, exc, 1) from exc
+            current, _ = self._read()
+            taker = current.describe() if current else "another process"
+            leases.mark_lost(self.store.url, f"the lease {self.where} was taken over by {taker}")
+            return
+        current, _ = self._read()
+        if current is None or current.token != self.holder.token:
+            taker = current.describe() if current else "another process (the lease object was removed)"
+            leases.mark_lost(self.store.url, f"the lease {self.where} was taken over by {taker}")
+            return
+        self.store.call("renewing the lease", self.where, self.store.fs.pipe_file, self.path, data)
+
+    def release(self) -> None:
+        if self._renewer is None:
+            return
+        self._stop.set()
+        self._renewer.join()
+        self._renewer = None
+        if leases.lost(self.store.url):
+            return  # another process holds it now: its object is not ours to delete
+        try:
+            current, _ = self._read()
+            if current is not None and current.token == self.holder.token:
+                self.store.call("releasing the lease", self.where, self.store.fs.rm_file, self.path, missing_ok=True)
+        except CheckpointError:
+            pass  # it expires by itself
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = getattr(fs, "protocol", ())
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """A conditional put lost (HTTP 412) or an exclusive create found the object (s3fs and fsspec say
+    FileExistsError for If-None-Match; a lost If-Match is a plain OSError from s3fs)."""
+    for e in _chain(exc):
+        if isinstance(e, FileExistsError):
+            return True
+        code = ((getattr(e, "response", None) or {}).get("Error") or {}).get("Code")
+        if code == "PreconditionFailed" or "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
+            return True
+    return False

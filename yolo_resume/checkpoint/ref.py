@@ -96,7 +96,16 @@ class CheckpointInfo:
             fitness=self.fitness,
             epoch_end=self.get("step_in_epoch") == 0,
             pinned=self.pinned,
+            timeline=self.timeline,
         )
+
+    @property
+    def timeline(self) -> str:
+        """When the segment that wrote it started (its last lineage entry), "" for a run's first segment:
+        what orders a branch after the timeline it abandoned (see retention.newest_first)."""
+        lineage = self.get("lineage")
+        last = lineage[-1] if isinstance(lineage, list) and lineage else None
+        return str(last.get("when") or "") if isinstance(last, dict) else ""
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,13 @@ def describe(store: Store, entry: Entry, deep: bool) -> CheckpointInfo:
         if getattr(err, "unavailable", False):
             raise
         info.meta, info.error = None, str(err)
+    except (RecursionError, MemoryError, ValueError, TypeError, KeyError, UnicodeError) as err:
+        # A crafted checkpoint must cost its own use, never the whole command: skipped, with the reason.
+        # (Not OSError: a disk or permission error is the store failing, and must not make prune delete it.)
+        info.meta = None
+        info.error = (
+            f"checkpoint {info.path}: cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+        )
     return info
 
 
@@ -195,7 +211,7 @@ def resolve(arg: str | Path | None) -> Target:
     path = Path(arg)
     if path.is_file() or (path / MANIFEST_FILE).exists() or (path.is_dir() and NAME_RE.match(path.name)):
         return Target(open_store(path.parent), path.name)  # a checkpoint folder (or a file that is none)
-    if NAME_RE.match(path.name) and RunDir(path.parent).config_file.is_file():
+    if NAME_RE.match(path.name) and RunDir(path.parent).names_a_store():
         return Target(RunDir(path.parent).store(), path.name)  # RUN/ckpt-N of a run with its own ckpt.dir
     if path.is_dir() and path.name == RunDir.CHECKPOINTS:
         return Target(open_store(path))

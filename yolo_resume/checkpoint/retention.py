@@ -2,6 +2,10 @@
 
 Each policy returns the names it wants to keep; a checkpoint is deleted only when no policy keeps
 it. Invalid checkpoints are never chosen by a policy, but the newest valid one always survives.
+
+"Newest" is newest on the current timeline: checkpoints are ordered by when the segment that wrote
+them started (`timeline`), then by step. A branch (a resume from an older checkpoint) is a newer
+timeline than the steps it abandoned, even where those have higher step numbers.
 """
 
 from __future__ import annotations
@@ -21,11 +25,17 @@ class Candidate:
     fitness: float | None = None
     pinned: bool = False
     epoch_end: bool = False
+    timeline: str = ""  # when the segment that wrote it started (UTC ISO 8601; "" for the first segment)
+
+
+def newest_first(ckpts: Sequence[Candidate]) -> list[Candidate]:
+    """Newest on the current timeline first: by segment start, then by step."""
+    return sorted(ckpts, key=lambda c: (c.timeline, c.global_step), reverse=True)
 
 
 def keep_last(ckpts: Sequence[Candidate], n: int) -> set[str]:
-    valid = sorted((c for c in ckpts if c.valid), key=lambda c: c.global_step)
-    return {c.name for c in valid[-n:]} if n > 0 else set()
+    valid = newest_first([c for c in ckpts if c.valid])
+    return {c.name for c in valid[:n]} if n > 0 else set()
 
 
 def keep_best(ckpts: Sequence[Candidate], k: int) -> set[str]:

@@ -23,14 +23,21 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import CheckpointError
+from ..lease import FileLease, Holder, Lease
 from .format import read_meta, verify_checkpoint, write_checkpoint
 
 NAME_RE = re.compile(r"^ckpt-(\d{9,})$")
 PIN_SUFFIX = ".pin"  # a sibling marker file (or object): the checkpoint itself stays untouched
 SUPERSEDED = ".superseded-"  # a committed checkpoint moved aside by a newer one of the same step
 TRASH_PREFIX = ".trash-"  # a local checkpoint being deleted
+LEASE_NAME = ".lease"  # the single-writer lease: a lock file in a folder, a lease object under a prefix
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def superseded_of(name: str) -> str:
+    """`ckpt-N` of a moved-aside copy `ckpt-N.superseded-<time>`."""
+    return name.split(SUPERSEDED, 1)[0]
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -108,6 +115,9 @@ class Store(Protocol):
 
     def sweep(self, committed: str) -> None:
         """Remove what killed saves and deletions left, older than the just committed `committed`."""
+
+    def lease(self, holder: Holder) -> Lease:
+        """The single-writer lease of this store (see lease.py): a flock, or a lease object."""
 
 
 def open_store(
@@ -202,6 +212,18 @@ class LocalStore:
         marker.touch()
 
     def sweep(self, committed: str) -> None:
-        """Finish deletions that a kill interrupted (see `delete`)."""
-        for entry in self.directory.glob(f"{TRASH_PREFIX}*"):
-            shutil.rmtree(entry, ignore_errors=True)
+        """Finish deletions that a kill interrupted (see `delete`), and drop copies moved aside by a
+        commit of the same name (`.superseded-*`) once the checkpoint that replaced them is gone too:
+        a moved-aside copy lives as long as its replacement, so retention bounds both."""
+        if not self.directory.is_dir():
+            return
+        committed_names = set(self.entries())
+        for entry in self.directory.iterdir():
+            name = entry.name
+            if name.startswith(TRASH_PREFIX) or (SUPERSEDED in name and superseded_of(name) not in committed_names):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+
+    def lease(self, holder: Holder) -> Lease:
+        """A flock on a sibling file (`<parent>/.<folder>.lease`): taking it creates no checkpoints folder."""
+        return FileLease(self.directory.parent / f".{self.directory.name}{LEASE_NAME}", holder)
