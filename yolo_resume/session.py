@@ -264,7 +264,7 @@ class Session:
     def train(self, plan: Plan) -> int:
         request, run_dir, cfg = self.request, plan.run_dir, from_dict(plan.config)
         info = CheckpointRef.from_json(plan.checkpoint).info() if plan.checkpoint else None
-        trainer = Trainer(cfg, run_dir, quiet=request.quiet, dist=self.dist)
+        trainer = Trainer(cfg, run_dir, quiet=request.quiet, dist=self.dist, config_file=request.config)
         if info is not None:
             stored = from_dict(plan.stored)
             self.dist.decide(lambda: self._check_resume(trainer, info, stored))
