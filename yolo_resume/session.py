@@ -123,6 +123,8 @@ class Session:
         request = self.request
         resume = request.resume
         target = resolve(request.resume_from) if request.resume_from is not None else None
+        if not resume:
+            self._check_new_run_settings()  # a bad --config or --set: one line before any folder exists
         run_dir = self._run_folder(resume, target)
         self._take_lease(run_dir)
         RunDir(run_dir).check_files()  # a FIFO or a device in place of a run file: one line now, never a hang
@@ -159,6 +161,10 @@ class Session:
             checkpoint=info.ref.to_json() if info is not None else None,
             complete=complete,
         )
+
+    def _check_new_run_settings(self) -> None:
+        request = self.request
+        _apply_cli_settings(load_config(request.config), list(request.overrides), request.epochs, request.device)
 
     def _run_folder(self, resume: bool, target: Target | None) -> Path:
         """The run folder this command writes: --run-dir; for --resume-from, the run folder the checkpoint
