@@ -106,3 +106,23 @@ def print_dataset_check(progress: TrainProgress, reports: list) -> None:
             progress.notice(f"data: {line}")
     if not progress.quiet:
         console.print(summary_table(reports))
+
+
+def finished_run_lines(run_dir, checkpoints: list, epochs: int) -> list[str]:
+    """What a user wants last from a finished run: the weights to ship (the best valid checkpoint, the one
+    `ckpt export` should be given), the plot, and the commands to use, resume or extend the run."""
+    from .checkpoint.ref import best_of
+
+    valid = [info for info in checkpoints if info.valid]
+    best = best_of(valid)
+    chosen = next((info for info in reversed(valid) if info.name in best), valid[-1] if valid else None)
+    lines = []
+    if chosen is not None:
+        fitness = chosen.fitness
+        why = f"best, fitness {fitness:.4f}" if fitness is not None and chosen.name in best else "newest"
+        lines.append(f"weights:  {chosen.path} ({why})")
+        lines.append(f"  export: yolo-resume ckpt export {chosen.path} -o best.pt")
+        lines.append(f"  score:  yolo-resume val {chosen.path}")
+    lines.append(f"plot:     {run_dir}/results.png")
+    lines.append(f"extend:   yolo-resume train --resume --run-dir {run_dir} --epochs {epochs + max(epochs // 2, 1)}")
+    return lines
