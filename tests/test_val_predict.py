@@ -160,13 +160,29 @@ def test_a_finished_run_prints_the_paths_a_user_wants_last(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "run"
     assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("ckpt-")] == ["ckpt-000000001"]
-    lines = result.stdout.strip().splitlines()[-5:]
-    ckpt = (run / "checkpoints" / "ckpt-000000001").resolve()
+    lines = result.stdout.strip().splitlines()[-7:]
     words = [line.split() for line in lines]
-    assert words[0][0] == "weights:" and Path(words[0][1]).resolve() == ckpt
-    assert words[1][:4] == ["export:", "yolo-resume", "ckpt", "export"] and Path(words[1][4]).resolve() == ckpt
-    assert words[2][:3] == ["score:", "yolo-resume", "val"] and Path(words[2][3]).resolve() == ckpt
-    assert words[3][0] == "plot:" and Path(words[3][1]).resolve() == (run / "results.png").resolve()
-    assert (run / "results.png").is_file()
-    assert words[4][:5] == ["extend:", "yolo-resume", "train", "--resume", "--run-dir"]
-    assert Path(words[4][5]).resolve() == run.resolve() and words[4][6:] == ["--epochs", "2"]
+    ckpt = (run / "checkpoints" / "ckpt-000000001").resolve()
+    assert [w[0] for w in words] == ["weights:", "weights:", "checkpoint:", "export:", "score:", "plot:", "extend:"]
+    assert [Path(w[1]).resolve() for w in words[:2]] == [
+        (run / n).resolve() for n in ("best.safetensors", "last.safetensors")
+    ]
+    assert Path(words[2][1]).resolve() == ckpt and "best, fitness" in lines[2]
+    assert words[3][1:4] == ["yolo-resume", "ckpt", "export"] and Path(words[3][4]).resolve() == ckpt
+    assert words[4][1:3] == ["yolo-resume", "val"] and Path(words[4][3]).resolve() == ckpt
+    assert Path(words[5][1]).resolve() == (run / "results.png").resolve() and (run / "results.png").is_file()
+    assert words[6][1:5] == ["yolo-resume", "train", "--resume", "--run-dir"]
+    assert Path(words[6][5]).resolve() == run.resolve() and words[6][6:] == ["--epochs", "2"]
+    # the light weights files: the final EMA weights, in the safetensors export's format, not checkpoints
+    import safetensors
+    import torch
+
+    state, _ = resolve(ckpt).one().load()
+    for name in ("best.safetensors", "last.safetensors"):
+        with safetensors.safe_open(run / name, "pt") as f:
+            assert f.metadata()["format"] == "yolo-resume-weights" and f.metadata()["weights"] == "ema"
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        assert tensors.keys() == state["ema"]["weights"].keys()
+        assert all(torch.equal(tensors[k], v) for k, v in state["ema"]["weights"].items())
+    assert [info.name for info in resolve(run).infos()] == ["ckpt-000000001"]
+    assert not list(run.glob(".*.tmp-*"))

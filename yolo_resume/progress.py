@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -117,12 +118,15 @@ def finished_run_lines(run_dir, checkpoints: list, epochs: int) -> list[str]:
     best = best_of(valid)
     chosen = next((info for info in reversed(valid) if info.name in best), valid[-1] if valid else None)
     lines = []
+    for name, what in (("best.safetensors", "EMA weights of the best epoch"), ("last.safetensors", "of the last")):
+        if (Path(run_dir) / name).is_file():
+            lines.append(f"weights:    {Path(run_dir) / name} ({what})")
     if chosen is not None:
         fitness = chosen.fitness
         why = f"best, fitness {fitness:.4f}" if fitness is not None and chosen.name in best else "newest"
-        lines.append(f"weights:  {chosen.path} ({why})")
-        lines.append(f"  export: yolo-resume ckpt export {chosen.path} -o best.pt")
-        lines.append(f"  score:  yolo-resume val {chosen.path}")
-    lines.append(f"plot:     {run_dir}/results.png")
-    lines.append(f"extend:   yolo-resume train --resume --run-dir {run_dir} --epochs {epochs + max(epochs // 2, 1)}")
+        lines.append(f"checkpoint: {chosen.path} ({why})")
+        lines.append(f"  export:   yolo-resume ckpt export {chosen.path} -o best.pt")
+        lines.append(f"  score:    yolo-resume val {chosen.path}")
+    lines.append(f"plot:       {run_dir}/results.png")
+    lines.append(f"extend:     yolo-resume train --resume --run-dir {run_dir} --epochs {epochs + max(epochs // 2, 1)}")
     return lines
