@@ -29,7 +29,7 @@ def val(
     batch: int = typer.Option(None, "--batch", min=1, help="Images per batch (default: 2 x train.batch)."),
     conf: float = typer.Option(None, "--conf", help="NMS confidence threshold (default: eval.conf, 0.001)."),
     iou: float = typer.Option(None, "--iou", help="NMS IoU threshold (default: eval.iou, 0.7)."),
-    device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the run's)."),
+    device: str = typer.Option(None, "--device", help="auto (default), cpu, cuda or cuda:N."),
     save_dir: Path = typer.Option(None, "--save-dir", help="Folder of the JSON report (default: <run>/val)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
@@ -70,7 +70,7 @@ def predict(
     iou: float = typer.Option(0.7, "--iou", help="NMS IoU threshold."),
     imgsz: int = typer.Option(None, "--imgsz", help="Image size (default: the run's model.imgsz)."),
     weights: str = typer.Option("ema", "--weights", help="ema (default) or model."),
-    device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the run's)."),
+    device: str = typer.Option(None, "--device", help="auto (default), cpu, cuda or cuda:N."),
     save_dir: Path = typer.Option(None, "--save-dir", help="Output folder (default: <run>/predict)."),
     as_json: bool = typer.Option(False, "--json", help="Print the detections as JSON."),
 ):

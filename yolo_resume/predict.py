@@ -87,21 +87,15 @@ def draw(image: np.ndarray, det: np.ndarray, names: list[str]) -> np.ndarray:
 
 def run_predict(request: PredictRequest) -> tuple[list[dict], Path]:
     """Predict every source image; write the drawn pictures and `predictions.json` to the save folder."""
-    from .hardware import select_device
-    from .val import load_for_inference, pick_checkpoint, report_dir
+    from .val import check_inference_args, inference_device, load_for_inference, pick_checkpoint, report_dir
 
-    if not 0 <= request.conf < 1:
-        raise UserError(f"--conf must be >= 0 and < 1, got {request.conf}")
-    if not 0 < request.iou <= 1:
-        raise UserError(f"--iou must be > 0 and <= 1, got {request.iou}")
+    check_inference_args(request.conf, request.iou, request.imgsz)
+    device = inference_device(request.device)
     images = list_sources(request.sources)  # bad sources are refused before the checkpoint is read
     ref = pick_checkpoint(request.checkpoint)
     loaded = load_for_inference(ref, request.weights)
-    device = select_device(request.device or loaded.cfg.train.device, None)
     model = loaded.model.to(device)
     imgsz = request.imgsz or loaded.cfg.model.imgsz
-    if imgsz <= 0 or imgsz % 32:
-        raise UserError(f"--imgsz must be a positive multiple of 32, got {imgsz}")
     folder = Path(request.save_dir) if request.save_dir else report_dir(ref, None, "predict")
     folder.mkdir(parents=True, exist_ok=True)
     rows, written = [], set()

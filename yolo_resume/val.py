@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint.ref import CheckpointRef, best_of, resolve
-from .config import Config, DataConfig, EvalConfig, apply_overrides, from_stored, load_config
+from .config import Config, DataConfig, apply_overrides, from_stored, load_config
 from .errors import UserError
 from .files import atomic_write
 
@@ -130,24 +130,22 @@ def run_val(request: ValRequest) -> tuple[dict, Path]:
     """Evaluate; returns the report and the JSON file it was written to."""
     from .data.dataset import DetectionDataset, collate_fn
     from .evaluate import evaluate_detailed
-    from .hardware import select_device
 
+    # Every argument is checked before the checkpoint is read (a large download for a remote one).
     if request.split not in SPLITS:
         raise UserError(f"unknown split `{request.split}`; choose {' or '.join(SPLITS)}")
+    check_inference_args(request.conf, request.iou, request.imgsz)
+    device = inference_device(request.device)
     ref = pick_checkpoint(request.target)
     loaded = load_for_inference(ref, request.weights)
     cfg = val_config(loaded.cfg, request)
-    device = select_device(request.device or cfg.train.device, None)
     model = loaded.model.to(device)
     imgsz = request.imgsz or cfg.model.imgsz
-    if imgsz <= 0 or imgsz % 32:
-        raise UserError(f"--imgsz must be a positive multiple of 32, got {imgsz}")
     eval_cfg = replace(
         cfg.eval,
         conf=cfg.eval.conf if request.conf is None else request.conf,
         iou=cfg.eval.iou if request.iou is None else request.iou,
     )
-    _check_thresholds(eval_cfg)
     split = load_eval_split(cfg.data, request.split)
     if split.names != loaded.names:
         raise UserError(
@@ -180,8 +178,22 @@ def run_val(request: ValRequest) -> tuple[dict, Path]:
     return report, path
 
 
-def _check_thresholds(cfg: EvalConfig) -> None:
-    if not 0 <= cfg.conf < 1:
-        raise UserError(f"--conf must be >= 0 and < 1, got {cfg.conf}")
-    if not 0 < cfg.iou <= 1:
-        raise UserError(f"--iou must be > 0 and <= 1, got {cfg.iou}")
+def inference_device(name: str | None) -> torch.device:
+    """--device (default auto: CUDA when there is one); the run's own train.device is not reused, since a
+    checkpoint trained on a GPU is often scored on a laptop."""
+    from .hardware import select_device
+
+    name = name or "auto"
+    if not (name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got `{name}`")
+    return select_device(name, None)
+
+
+def check_inference_args(conf: float | None, iou: float | None, imgsz: int | None) -> None:
+    """--conf, --iou and --imgsz of `val` and `predict` (None: the default, valid by construction)."""
+    if conf is not None and not 0 <= conf < 1:
+        raise UserError(f"--conf must be >= 0 and < 1, got {conf}")
+    if iou is not None and not 0 < iou <= 1:
+        raise UserError(f"--iou must be > 0 and <= 1, got {iou}")
+    if imgsz is not None and (imgsz <= 0 or imgsz % 32):
+        raise UserError(f"--imgsz must be a positive multiple of 32, got {imgsz}")
