@@ -97,7 +97,10 @@ def run_predict(request: PredictRequest) -> tuple[list[dict], Path]:
     model = loaded.model.to(device)
     imgsz = request.imgsz or loaded.cfg.model.imgsz
     folder = Path(request.save_dir) if request.save_dir else report_dir(ref, None, "predict")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the save folder `{folder}`: {exc.strerror or exc}; pass --save-dir") from None
     rows, written = [], set()
     for path in images:
         image = cv2.imread(str(path))
