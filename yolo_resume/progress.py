@@ -114,19 +114,21 @@ def finished_run_lines(run_dir, checkpoints: list, epochs: int) -> list[str]:
     `ckpt export` should be given), the plot, and the commands to use, resume or extend the run."""
     from .checkpoint.ref import best_of
 
+    run_dir = Path(run_dir).resolve()  # absolute: copied into another shell, they still point here
     valid = [info for info in checkpoints if info.valid]
     best = best_of(valid)
     chosen = next((info for info in reversed(valid) if info.name in best), valid[-1] if valid else None)
     lines = []
     for name, what in (("best.safetensors", "EMA weights of the best epoch"), ("last.safetensors", "of the last")):
-        if (Path(run_dir) / name).is_file():
-            lines.append(f"weights:    {Path(run_dir) / name} ({what})")
+        if (run_dir / name).is_file():
+            lines.append(f"weights:    {run_dir / name} ({what})")
     if chosen is not None:
         fitness = chosen.fitness
         why = f"best, fitness {fitness:.4f}" if fitness is not None and chosen.name in best else "newest"
-        lines.append(f"checkpoint: {chosen.path} ({why})")
-        lines.append(f"  export:   yolo-resume ckpt export {chosen.path} -o best.pt")
-        lines.append(f"  score:    yolo-resume val {chosen.path}")
+        where = chosen.path.resolve() if isinstance(chosen.path, Path) else chosen.path  # a str is a URL
+        lines.append(f"checkpoint: {where} ({why})")
+        lines.append(f"  export:   yolo-resume ckpt export {where} -o best.pt")
+        lines.append(f"  score:    yolo-resume val {where}")
     lines.append(f"plot:       {run_dir}/results.png")
     lines.append(f"extend:     yolo-resume train --resume --run-dir {run_dir} --epochs {epochs + max(epochs // 2, 1)}")
     return lines
