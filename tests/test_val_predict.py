@@ -186,3 +186,41 @@ def test_a_finished_run_prints_the_paths_a_user_wants_last(tmp_path):
         assert all(torch.equal(tensors[k], v) for k, v in state["ema"]["weights"].items())
     assert [info.name for info in resolve(run).infos()] == ["ckpt-000000001"]
     assert not list(run.glob(".*.tmp-*"))
+
+
+def test_per_class_figures_on_crafted_detections():
+    """The per-class table on numbers that are not all zero (the tiny run's mAP is 0): class 0 found
+    perfectly, class 1 missed; COCO per category and ultralytics per class agree on which is which."""
+    import torch
+
+    from yolo_resume.data.coco import coco_from_dict
+    from yolo_resume.evaluate import UltralyticsStyleAP, coco_eval, coco_per_category
+
+    imgsz = 64
+    ul = UltralyticsStyleAP()
+    batch = {
+        "img": torch.zeros(1, 3, imgsz, imgsz),
+        "bboxes": torch.tensor([[30 / imgsz, 30 / imgsz, 40 / imgsz, 40 / imgsz], [0.8, 0.8, 0.2, 0.2]]),
+        "cls": torch.tensor([[0.0], [1.0]]),
+        "batch_idx": torch.tensor([0.0, 0.0]),
+    }
+    ul.update([torch.tensor([[10.0, 10.0, 50.0, 50.0, 0.9, 0.0]])], batch)
+    rows, at_best = ul.per_class()
+    assert rows[0]["ap"] == pytest.approx(0.995) and rows[0]["precision"] == pytest.approx(1, abs=1e-3)
+    assert rows[1] == {"ap": 0.0, "ap50": 0.0, "precision": 0.0, "recall": 0.0}
+    # one detection at 0.9: F1 is flat below it, and ultralytics takes the first maximum (conf 0)
+    assert at_best["recall"] == pytest.approx(0.5, abs=1e-3) and 0 <= at_best["conf"] <= 0.9
+
+    gt = coco_from_dict(
+        {
+            "images": [{"id": 1, "width": 64, "height": 64, "file_name": "a.jpg"}],
+            "categories": [{"id": 7, "name": "a"}, {"id": 9, "name": "b"}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0},
+                {"id": 2, "image_id": 1, "category_id": 9, "bbox": [45, 45, 12, 12], "area": 144, "iscrowd": 0},
+            ],
+        }
+    )
+    found = [{"image_id": 1, "category_id": 7, "bbox": [10, 10, 40, 40], "score": 0.9}]
+    per_category = coco_per_category(coco_eval(gt, found, [1]))
+    assert per_category == {7: pytest.approx({"ap": 1.0, "ap50": 1.0}), 9: {"ap": 0.0, "ap50": 0.0}}
