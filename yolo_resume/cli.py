@@ -19,12 +19,14 @@ from rich.table import Table
 from . import __version__
 from .cli_common import err, out, user_errors, warn
 from .cli_data import data_app
+from .cli_use import register as register_use_commands
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="YOLO training that resumes exactly.")
 ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and prune checkpoints.")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(data_app, name="data")
+register_use_commands(app)  # val, predict
 
 
 @app.callback(invoke_without_command=True)

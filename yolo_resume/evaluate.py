@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
 from ultralytics.engine.validator import BaseValidator
-from ultralytics.utils.metrics import ap_per_class, box_iou
+from ultralytics.utils.metrics import ap_per_class, box_iou, smooth
 from ultralytics.utils.nms import non_max_suppression
 
 from .config import EvalConfig
@@ -71,12 +71,43 @@ class UltralyticsStyleAP:
             self.stats["pred_cls"].append(det[:, 5].numpy())
             self.stats["target_cls"].append(true_cls.numpy())
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.stats.items()}
+
     def result(self) -> dict[str, float]:
-        stats = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.stats.items()}
+        stats = self.arrays()
         if not len(stats["tp"]) or not len(stats["target_cls"]):
             return {"ultralytics_map": 0.0, "ultralytics_map50": 0.0}
         ap = ap_per_class(stats["tp"], stats["conf"], stats["pred_cls"], stats["target_cls"])[5]
         return {"ultralytics_map": float(ap.mean()), "ultralytics_map50": float(ap[:, 0].mean())}
+
+    def per_class(self) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+        """Per labelled class: ultralytics AP@.5:.95, AP@.5, precision and recall at the confidence that
+        maximises the mean F1 (ultralytics' rule: the smoothed mean F1 curve's argmax); and that
+        confidence with the mean precision, recall and F1 there (what `yolo val` prints as P and R)."""
+        stats = self.arrays()
+        if not len(stats["tp"]) or not len(stats["target_cls"]):
+            return {}, {"conf": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+        _, _, p, r, f1, ap, classes, _, _, f1_curve, x, _ = ap_per_class(
+            stats["tp"], stats["conf"], stats["pred_cls"], stats["target_cls"]
+        )
+        best = int(smooth(f1_curve.mean(0), 0.1).argmax())
+        rows = {
+            int(c): {
+                "ap": float(ap[i].mean()),
+                "ap50": float(ap[i, 0]),
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+            }
+            for i, c in enumerate(classes)
+        }
+        at_best = {
+            "conf": float(x[best]),
+            "precision": float(p.mean()),
+            "recall": float(r.mean()),
+            "f1": float(f1.mean()),
+        }
+        return rows, at_best
 
 
 @torch.no_grad()
@@ -115,10 +146,10 @@ def predict_coco(
     return results
 
 
-def coco_map(coco_gt, results: list, image_ids: list[int]) -> dict[str, float]:
-    """mAP@[.5:.95] and mAP@.5 from pycocotools (its printout silenced)."""
+def coco_eval(coco_gt, results: list, image_ids: list[int]) -> COCOeval | None:
+    """The summarized pycocotools evaluation (its printout silenced); None without detections."""
     if not results:
-        return {"map": 0.0, "map50": 0.0}
+        return None
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
@@ -126,8 +157,72 @@ def coco_map(coco_gt, results: list, image_ids: list[int]) -> dict[str, float]:
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
+    return evaluator
+
+
+def coco_map(coco_gt, results: list, image_ids: list[int]) -> dict[str, float]:
+    """mAP@[.5:.95] and mAP@.5 from pycocotools."""
+    return _map_of(coco_eval(coco_gt, results, image_ids))
+
+
+def _map_of(evaluator: COCOeval | None) -> dict[str, float]:
+    if evaluator is None:
+        return {"map": 0.0, "map50": 0.0}
     stats = [max(float(s), 0.0) for s in evaluator.stats[:2]]  # -1 means "no ground truth"
     return {"map": stats[0], "map50": stats[1]}
+
+
+def coco_per_category(evaluator: COCOeval | None) -> dict[int, dict[str, float]]:
+    """COCO AP@[.5:.95] and AP@.5 per category id (area all, 100 detections: what `stats[0:2]` average);
+    a category without ground truth is left out (COCO marks its precision -1)."""
+    if evaluator is None:
+        return {}
+    precision = evaluator.eval["precision"]  # [IoU threshold, recall point, category, area, max dets]
+    rows = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        if (p > -1).any():
+            p50 = p[0][p[0] > -1]
+            rows[int(cat_id)] = {"ap": float(p[p > -1].mean()), "ap50": float(p50.mean()) if len(p50) else 0.0}
+    return rows
+
+
+def evaluate_detailed(model: torch.nn.Module, loader, dataset, device, cfg: EvalConfig) -> dict:
+    """What `evaluate` returns (from the same detections) plus a per-class table and the precision and
+    recall at the best-F1 confidence: the report of `yolo-resume val`."""
+    ul = UltralyticsStyleAP()
+    results = predict_coco(model, loader, dataset.class_to_category, device, cfg, ul)
+    image_ids = [int(r.image_id) for r in dataset.records]
+    evaluator = coco_eval(dataset.coco_gt(), results, image_ids)
+    metrics = _map_of(evaluator)
+    metrics["fitness"] = fitness(metrics)
+    metrics |= ul.result()
+    coco_rows, (ul_rows, at_best) = coco_per_category(evaluator), ul.per_class()
+    all_cls = np.concatenate([np.asarray(r.cls, np.int64).reshape(-1) for r in dataset.records])
+    labels = np.bincount(all_cls, minlength=len(dataset.names))
+    classes = []
+    for c, name in enumerate(dataset.names):
+        coco_row = coco_rows.get(int(dataset.class_to_category[c]), {})
+        ul_row = ul_rows.get(c, {})
+        classes.append(
+            {
+                "class": c,
+                "name": name,
+                "labels": int(labels[c]),
+                "ap": coco_row.get("ap", 0.0),
+                "ap50": coco_row.get("ap50", 0.0),
+                "ultralytics_ap": ul_row.get("ap", 0.0),
+                "precision": ul_row.get("precision", 0.0),
+                "recall": ul_row.get("recall", 0.0),
+            }
+        )
+    return {
+        "metrics": metrics,
+        "best_f1": at_best,
+        "classes": classes,
+        "images": len(dataset),
+        "detections": len(results),
+    }
 
 
 def evaluate(model: torch.nn.Module, loader, dataset, device, cfg: EvalConfig) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -106,3 +107,28 @@ def print_dataset_check(progress: TrainProgress, reports: list) -> None:
             progress.notice(f"data: {line}")
     if not progress.quiet:
         console.print(summary_table(reports))
+
+
+def finished_run_lines(run_dir, checkpoints: list, epochs: int) -> list[str]:
+    """What a user wants last from a finished run: the weights to ship (the best valid checkpoint, the one
+    `ckpt export` should be given), the plot, and the commands to use, resume or extend the run."""
+    from .checkpoint.ref import best_of
+
+    run_dir = Path(run_dir).resolve()  # absolute: copied into another shell, they still point here
+    valid = [info for info in checkpoints if info.valid]
+    best = best_of(valid)
+    chosen = next((info for info in reversed(valid) if info.name in best), valid[-1] if valid else None)
+    lines = []
+    for name, what in (("best.safetensors", "EMA weights of the best epoch"), ("last.safetensors", "of the last")):
+        if (run_dir / name).is_file():
+            lines.append(f"weights:    {run_dir / name} ({what})")
+    if chosen is not None:
+        fitness = chosen.fitness
+        why = f"best, fitness {fitness:.4f}" if fitness is not None and chosen.name in best else "newest"
+        where = chosen.path.resolve() if isinstance(chosen.path, Path) else chosen.path  # a str is a URL
+        lines.append(f"checkpoint: {where} ({why})")
+        lines.append(f"  export:   yolo-resume ckpt export {where} -o best.pt")
+        lines.append(f"  score:    yolo-resume val {where}")
+    lines.append(f"plot:       {run_dir}/results.png")
+    lines.append(f"extend:     yolo-resume train --resume --run-dir {run_dir} --epochs {epochs + max(epochs // 2, 1)}")
+    return lines

@@ -23,6 +23,7 @@ from .files import atomic_write
 from .hardware import check_world_size
 from .lease import RunLease
 from .model import load_model_definition
+from .progress import finished_run_lines
 from .provenance import utc_now
 from .run_dir import RunDir, most_recent_run, new_run_dir
 from .stopping import watch_parent
@@ -291,6 +292,9 @@ class Session:
             )
         else:
             self.say(f"done: results in {run_dir}/results.csv, checkpoints in {trainer.ckpt.directory}")
+            if self.dist.is_main:  # last: the paths a user wants
+                for line in finished_run_lines(run_dir, trainer.ckpt.list(), trainer.cfg.train.epochs):
+                    self.say(escape(line), soft_wrap=True)  # a path is copied whole, never wrapped
         return code
 
     def _check_resume(self, trainer: Trainer, info: CheckpointInfo, stored: Config) -> None:

@@ -26,6 +26,7 @@ from .errors import CheckpointError, DivergedError, ExitCode
 from .evaluate import evaluate
 from .hardware import check_world_size, resolve_workers, select_device
 from .interop import load_init_weights
+from .light import LightWeights
 from .lineage import interruption_entry
 from .model import LOSS_NAMES, build_model, compute_loss
 from .optim import LRSchedule, accumulate_at, accumulate_steps, build_optimizer, resolve_optimizer
@@ -127,6 +128,9 @@ class Trainer:
         self.train_loader = self._loader(self.train_ds, batch_sampler=self.sampler)
         self.val_loader = self._loader(self.val_ds, batch_size=cfg.train.batch * 2, shuffle=False)
         self.log = RunLog(self.run_dir, self.dist.is_main, notice=self.progress.notice)
+        self.light = LightWeights(
+            self.run_dir, cfg.model.cfg, list(self.train_ds.names), cfg.model.imgsz, self.progress.notice
+        )
         self.stops = StopOnSignals(notice=self.progress.notice)  # what this rank received
         self.stop_signal: str | None = None  # the stop every rank agreed on (acted upon after the step)
         self.saves = SavePolicy(cfg.ckpt, cfg.train.epochs)
@@ -247,6 +251,7 @@ class Trainer:
             finally:
                 self.log.close(self.state.history)
                 self.ckpt.wait()  # never exit with a save in flight
+                self.light.wait()
             self.check_saves(final=True)
             self.dist.barrier()  # every rank leaves together, after rank 0's last commit
         if self.stop_signal:
@@ -361,8 +366,13 @@ class Trainer:
         state = self.state
         row |= metrics
         state.pending_eval = False
-        if "fitness" in metrics and (state.best_fitness is None or metrics["fitness"] > state.best_fitness):
+        improved = "fitness" in metrics and (state.best_fitness is None or metrics["fitness"] > state.best_fitness)
+        if improved:
             state.best_fitness = metrics["fitness"]
+        if self.dist.is_main:  # the weights a user ships, beside the run's files (see light.py)
+            used = "ema" if self.ema else "model"
+            weights = (self.ema.ema if self.ema else self.model).state_dict()
+            self.light.update(weights, used, state.epoch, best=improved)
         self.log.on_epoch(state.history, metrics, state.global_step)
         self.progress.end_epoch(row, self.sampler.batches_per_epoch())
         self.save_if_due(epoch_end=True)
