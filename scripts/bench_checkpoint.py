@@ -2,11 +2,16 @@
 
 Measured in one process, on one disk, against baselines taken in the same run:
 - stall: how long the training thread is blocked by an async save, vs a plain synchronous torch.save;
-- write throughput: bytes committed / wall time (incl. fsync) vs a raw write + fsync of the same bytes;
-- load + verify: full SHA-256 verification and load, vs torch.load of the torch.save file
+- commit throughput: bytes committed / wall time (encode + checksum + write + fsync + rename + dir fsync)
+  vs a raw write + fsync of the same number of bytes on the same disk, each commit next to its own raw
+  write (interleaved), medians; once for the commit alone (`format.write_checkpoint`) and once for a
+  save (`CheckpointManager` also computes the tensor digests of meta.json first);
+- both for every checksum the format reads: XXH3-128 (what new checkpoints use) and SHA-256 (what
+  format version 1 used), so one run gives the before/after and the share of the tensor digests;
+- load + verify: full verification (checksums, header) and load, vs torch.load of the torch.save file
   (weights_only=False, which the numpy RNG state needs; no verification at all).
 
-Usage: python scripts/bench_checkpoint.py [--repeats 5] [--dir DIR] [--json OUT]
+Usage: python scripts/bench_checkpoint.py [--repeats 5] [--dir DIR] [--json OUT] [--no-stall]
 """
 
 from __future__ import annotations
@@ -19,12 +24,16 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from ultralytics.utils.torch_utils import ModelEMA
 
-from yolo_resume.checkpoint.format import load_checkpoint, write_checkpoint
+from yolo_resume.checkpoint import format as fmt
+from yolo_resume.checkpoint.format import load_checkpoint, tensor_digests, write_checkpoint
 from yolo_resume.checkpoint.manager import CheckpointManager
 from yolo_resume.config import TrainConfig
 from yolo_resume.model import build_model, compute_loss
@@ -131,49 +140,105 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(root: Path, repeats: int) -> dict:
-    state = training_state()
-    rows: dict[str, list[float]] = {k: [] for k in ("torch_save", "commit", "raw_write", "load_verify", "torch_load")}
+@contextmanager
+def writing_with(checksum: str) -> Iterator[None]:
+    """New checkpoints use `format.CHECKSUM`; swapping it lets one run time every algorithm the format
+    reads (a manifest names its algorithm, so each checkpoint written here verifies and loads)."""
+    default = fmt.CHECKSUM
+    fmt.CHECKSUM = fmt.CHECKSUMS[checksum]
+    try:
+        yield
+    finally:
+        fmt.CHECKSUM = default
+
+
+def raw_write_time(path: Path, nbytes: int) -> float:
+    """The disk itself: write and fsync `nbytes` random bytes to a new file."""
+    blob = os.urandom(nbytes)
+
+    def write() -> None:
+        with open(path, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+
+    os.sync()  # every timed write starts from a clean page cache
+    seconds = timed(write)
+    path.unlink()
+    return seconds
+
+
+def bench_commits(root: Path, state: dict, repeats: int, rows: dict[str, list[float]]) -> int:
+    """Per checksum: the commit alone, a save (tensor digests + commit), the digests alone, load + verify,
+    and a raw write + fsync of the same bytes beside each timed write. Returns the bytes per checkpoint."""
     nbytes = 0
     for i in range(repeats):
-        # Baseline 1: what ultralytics does each epoch, a synchronous torch.save (no fsync).
+        for name in fmt.CHECKSUMS:
+            with writing_with(name):
+                os.sync()
+                ckpt = root / f"commit-{name}-{i}"
+                rows[f"commit_{name}"].append(timed(lambda c=ckpt: write_checkpoint(root, c.name, state, {})))
+                nbytes = folder_bytes(ckpt)
+                rows[f"raw_for_commit_{name}"].append(raw_write_time(root / "raw.bin", nbytes))
+                rows[f"load_verify_{name}"].append(timed(lambda c=ckpt: load_checkpoint(c)))
+                shutil.rmtree(ckpt)
+
+                def save(name=name, i=i) -> None:  # what CheckpointManager._commit does, minus retention
+                    meta = {"global_step": i, "digests": tensor_digests(state, algorithm=name)}
+                    write_checkpoint(root, f"save-{name}-{i}", state, meta)
+
+                os.sync()
+                rows[f"save_{name}"].append(timed(save))
+                saved = root / f"save-{name}-{i}"
+                rows[f"raw_for_save_{name}"].append(raw_write_time(root / "raw.bin", folder_bytes(saved)))
+                shutil.rmtree(saved)
+                rows[f"digests_{name}"].append(timed(lambda n=name: tensor_digests(state, algorithm=n)))
+    return nbytes
+
+
+def by_checksum(med: dict[str, float]) -> dict[str, dict[str, float]]:
+    return {
+        name: {
+            "commit_vs_raw": med[f"raw_for_commit_{name}"] / med[f"commit_{name}"],
+            "save_vs_raw": med[f"raw_for_save_{name}"] / med[f"save_{name}"],
+            "digests_share_of_save": med[f"digests_{name}"] / med[f"save_{name}"],
+            "load_verify_vs_torch_load": med[f"load_verify_{name}"] / med["torch_load"],
+        }
+        for name in fmt.CHECKSUMS
+    }
+
+
+def bench(root: Path, repeats: int, stall: bool = True) -> dict:
+    state = training_state()
+    rows: dict[str, list[float]] = defaultdict(list)
+    for i in range(repeats):
+        # Baseline: what ultralytics does each epoch, a synchronous torch.save (no fsync).
         pt = root / f"baseline-{i}.pt"
-        os.sync()  # every timed write starts from a clean page cache
+        os.sync()
         rows["torch_save"].append(timed(lambda pt=pt: torch.save(state, pt)))
         rows["torch_load"].append(timed(lambda pt=pt: torch.load(pt, weights_only=False)))
-
-        # Ours, the commit alone (encode + hash + write + fsync + rename + fsync dir).
-        os.sync()
-        rows["commit"].append(timed(lambda i=i: write_checkpoint(root, f"sync-{i}", state, {"global_step": i})))
-        nbytes = folder_bytes(root / f"sync-{i}")
-
-        # Baseline 2: the disk itself, writing and fsyncing the same number of bytes.
-        blob = os.urandom(nbytes)
-        raw = root / f"raw-{i}.bin"
-
-        def raw_write(raw=raw, blob=blob):
-            with open(raw, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-
-        os.sync()
-        rows["raw_write"].append(timed(raw_write))
-        rows["load_verify"].append(timed(lambda i=i: load_checkpoint(root / f"sync-{i}")))
-        for p in (pt, raw):
-            p.unlink()
-        shutil.rmtree(root / f"sync-{i}")
-    rows |= bench_stall(root, repeats)
+        pt.unlink()
+    nbytes = bench_commits(root, state, repeats, rows)
+    if stall:
+        rows |= bench_stall(root, repeats)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    return {
-        "bytes": nbytes,
-        "median_s": med,
-        "blocked_vs_torch_save": med["blocked"] / med["torch_save"],
-        "extra_window_time_vs_torch_save": (med["window_with"] - med["window_without"]) / med["torch_save"],
-        "write_throughput_MBps": nbytes / med["commit"] / 1e6,
-        "raw_throughput_MBps": nbytes / med["raw_write"] / 1e6,
-        "throughput_vs_raw": med["raw_write"] / med["commit"],
-        "load_verify_vs_torch_load": med["load_verify"] / med["torch_load"],
+    default = fmt.CHECKSUM.name
+    # The names bench_all.py reads, for the checksum new checkpoints use.
+    med["commit"], med["raw_write"] = med[f"commit_{default}"], med[f"raw_for_commit_{default}"]
+    med["load_verify"] = med[f"load_verify_{default}"]
+    result = {"bytes": nbytes, "median_s": med}
+    if stall:
+        result["blocked_vs_torch_save"] = med["blocked"] / med["torch_save"]
+        result["extra_window_time_vs_torch_save"] = (med["window_with"] - med["window_without"]) / med["torch_save"]
+    checksums = by_checksum(med)
+    return result | {
+        "checksum": default,
+        "write_throughput_MBps": nbytes / med[f"commit_{default}"] / 1e6,
+        "raw_throughput_MBps": nbytes / med[f"raw_for_commit_{default}"] / 1e6,
+        "throughput_vs_raw": checksums[default]["commit_vs_raw"],
+        "save_throughput_vs_raw": checksums[default]["save_vs_raw"],
+        "load_verify_vs_torch_load": checksums[default]["load_verify_vs_torch_load"],
+        "by_checksum": checksums,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, "
@@ -186,11 +251,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="Folder on the disk to measure (default: ./runs).")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-stall", action="store_true", help="Skip the async-save stall measurement.")
     args = parser.parse_args()
     base = args.dir or Path("runs")
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=base, prefix="bench-ckpt-") as tmp:
-        result = bench(Path(tmp), args.repeats)
+        result = bench(Path(tmp), args.repeats, stall=not args.no_stall)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

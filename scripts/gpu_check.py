@@ -69,7 +69,15 @@ MIB = 2**20
 # What the GPU machine's image lacks of ultralytics' and our requirements (it has torch, torchvision, numpy,
 # matplotlib, pillow, pyyaml, requests, scipy, psutil, nvidia-ml-py, httpx, typer, rich, safetensors, fsspec;
 # opencv-python is not needed: its opencv-python-headless provides cv2).
-WHEEL_DISTS = ("ultralytics", "ultralytics-thop", "ultralytics-platform", "polars", "polars-runtime-32", "pycocotools")
+WHEEL_DISTS = (
+    "ultralytics",
+    "ultralytics-thop",
+    "ultralytics-platform",
+    "polars",
+    "polars-runtime-32",
+    "pycocotools",
+    "xxhash",
+)
 WHEEL_PLATFORMS = (
     "manylinux_2_28_x86_64",
     "manylinux_2_27_x86_64",

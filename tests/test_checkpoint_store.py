@@ -40,7 +40,7 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint(straight, tmp_path):
     result = cli("train", "--resume", "--run-dir", str(run), "-q", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "skipping checkpoint" in result.stderr and "ckpt-000000011" in result.stderr
-    assert "tensors.safetensors" in result.stderr and "sha-256 does not match" in result.stderr.lower()
+    assert "tensors.safetensors" in result.stderr and "xxh3-128 does not match" in result.stderr.lower()
     assert "from ckpt-000000010" in result.stdout
     # The corrupt folder is kept aside for inspection, not overwritten or deleted.
     assert [p.name for p in (run / "checkpoints").glob("ckpt-000000011.superseded-*")]

@@ -193,14 +193,14 @@ def test_corrupt_remote_checkpoint_is_skipped_with_the_reason(url, endpoint, s3,
 
     shallow = {i.name: i.error for i in mgr.list()}
     assert shallow["ckpt-000000003"] is None  # the tensors are only hashed by a deep check
-    assert "meta.json" in shallow["ckpt-000000002"] and "SHA-256 does not match" in shallow["ckpt-000000002"]
+    assert "meta.json" in shallow["ckpt-000000002"] and "XXH3-128 does not match" in shallow["ckpt-000000002"]
     skipped = []
     info = mgr.latest_valid(on_invalid=skipped.append)
     assert info.name == "ckpt-000000001"
     assert [s.name for s in skipped] == ["ckpt-000000003", "ckpt-000000002"]
     reason = skipped[0].error
     assert f"{url}/ckpt-000000003" in reason and "tensors.safetensors" in reason
-    assert "SHA-256 does not match" in reason and ".staging" not in reason and "\n" not in reason
+    assert "XXH3-128 does not match" in reason and ".staging" not in reason and "\n" not in reason
     assert [i.valid for i in mgr.list(deep=True)] == [True, False, False]
     with pytest.raises(CheckpointError, match="tensors.safetensors"):
         mgr.load("ckpt-000000003")
@@ -419,8 +419,9 @@ def test_digest_of_remote_checkpoint_matches_local_format(url, endpoint, s3, tmp
     save_all(mgr, [7])
     root = url.removeprefix("s3://")
     manifest = json.loads(s3.cat(f"{root}/ckpt-000000007/manifest.json"))
+    assert manifest["algorithm"] == fmt.CHECKSUM.name
     for name, entry in manifest["files"].items():
-        assert hashlib.sha256(s3.cat(f"{root}/ckpt-000000007/{name}")).hexdigest() == entry["sha256"]
+        assert fmt.CHECKSUM.hexdigest(s3.cat(f"{root}/ckpt-000000007/{name}")) == entry["digest"]
     marker = json.loads(s3.cat(f"{root}/ckpt-000000007.committed"))
     expected = hashlib.sha256(s3.cat(f"{root}/ckpt-000000007/manifest.json")).hexdigest()
     assert marker["manifest_sha256"] == expected

@@ -5,13 +5,18 @@ Layout of ``<parent>/<name>/``::
     tensors.safetensors  every tensor of the state (safetensors: plain bytes, no code)
     state.json           JSON skeleton of the state; each tensor is replaced by a reference
     meta.json            the caller's metadata plus format_version (plain JSON, cheap to read)
-    manifest.json        size + SHA-256 of the three files above; written last
+    manifest.json        size + checksum of the three files above, and the checksum's algorithm; written last
 
 Why a folder: the manifest is the commit marker and the folder only ever appears under its final name
 through one ``os.rename`` of a fully written, fsynced temporary folder. A crash at any instant therefore
 leaves the committed checkpoints untouched plus, at worst, a ``.tmp-*`` folder that the next successful
 save removes. Nothing here ever unpickles: tensors go through safetensors, everything else through
 strict JSON, and every byte is checked against the manifest before it is interpreted.
+
+Checksums catch bit flips, truncation and torn or partial writes, not a deliberate editor: the manifest
+sits beside the data, so whoever can change a file can change its digest too, and a cryptographic hash
+buys nothing over a fast one. New checkpoints (format version 2) use XXH3-128 (`xxhash`, tens of GB/s, so
+a commit runs at disk speed) and name it in the manifest; version 1 checkpoints (SHA-256) stay readable.
 
 Skeleton encoding (state.json). Plain JSON values stand for themselves; everything JSON cannot say
 exactly is a one-key object whose key starts with ``__``:
@@ -49,10 +54,13 @@ from typing import Any, BinaryIO
 import numpy as np
 import safetensors.torch
 import torch
+import xxhash
 
 from yolo_resume.errors import CheckpointError
 
 __all__ = [
+    "CHECKSUM",
+    "CHECKSUMS",
     "DATA_FILES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -63,7 +71,10 @@ __all__ = [
     "STATE_FILE",
     "TENSORS_FILE",
     "TMP_PREFIX",
+    "Checksum",
     "check_listing",
+    "compare_digests",
+    "digest_algorithm",
     "flatten_state",
     "is_checkpoint_dir",
     "load_checkpoint",
@@ -77,7 +88,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "yolo-resume-checkpoint"
-FORMAT_VERSION = 1
+# 2: manifest names its checksum algorithm ("algorithm", entries with "digest"); 1: SHA-256 ("sha256" entries).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 META_FILE = "meta.json"
@@ -104,6 +117,9 @@ MANIFEST_MAX_BYTES = 1 << 20
 JSON_MAX_BYTES = 64 << 20
 HEADER_MAX_BYTES = 100 << 20
 CHUNK_BYTES = 8 << 20
+# Tensors smaller than this are written joined with their neighbours: one syscall and hash call per
+# tensor would cost more than copying their bytes.
+COALESCE_BYTES = 256 << 10
 MAX_NDIM = 64
 MAX_NAME_CHARS = 200
 # Deeper JSON than any state or metadata we write (~10 levels) is refused when parsed, before a recursive
@@ -113,6 +129,34 @@ MAX_JSON_DEPTH = 64
 # us (we write every byte), and hashing a crafted 4 TiB hole would take hours. Checked before hashing.
 SPARSE_CHECK_MIN_BYTES = 64 << 20
 MIN_ALLOCATED_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """A file checksum a manifest can name: `name` as written there, `label` as errors say it."""
+
+    name: str
+    label: str
+    new: Callable[[], Any]  # a hashlib-style object: update(buffer), hexdigest()
+    hex_chars: int
+
+    def hexdigest(self, data: bytes | memoryview) -> str:
+        digest = self.new()
+        digest.update(data)
+        return digest.hexdigest()
+
+    def is_digest(self, text: Any) -> bool:
+        return type(text) is str and len(text) == self.hex_chars and all(ch in "0123456789abcdef" for ch in text)
+
+
+CHECKSUMS = {
+    checksum.name: checksum
+    for checksum in (
+        Checksum("xxh3_128", "XXH3-128", xxhash.xxh3_128, 32),
+        Checksum("sha256", "SHA-256", hashlib.sha256, 64),  # format version 1 (files and tensor digests)
+    )
+}
+CHECKSUM = CHECKSUMS["xxh3_128"]  # what new checkpoints are written with
 
 _CORRUPT_FIX = "the checkpoint is corrupt or was tampered with; resume from an earlier checkpoint"
 _FOLDER_FIX = "pass a checkpoint folder written by yolo-resume"
@@ -294,12 +338,17 @@ class _Flattener:
                 f"cannot save tensor at {_where(path)}: layout {tensor.layout} / dtype {tensor.dtype} is not "
                 "supported (dense tensors of standard dtypes only)"
             )
-        cpu = tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
+        cpu = tensor.detach()
+        # Checked first because a save holds ~1,500 tensors, nearly all dense CPU ones: the conversions
+        # below would each return the same tensor, at a Python call apiece.
+        if cpu.device.type != "cpu" or cpu.is_conj() or cpu.is_neg() or not cpu.is_contiguous():
+            cpu = cpu.resolve_conj().resolve_neg().to("cpu").contiguous()
         # safetensors refuses tensors that share memory (tied weights, views of one buffer): copy those.
         ptr = cpu.untyped_storage().data_ptr()
         if ptr and ptr in self._storages:
             cpu = cpu.clone()
-        self._storages.add(cpu.untyped_storage().data_ptr())
+            ptr = cpu.untyped_storage().data_ptr()
+        self._storages.add(ptr)
         key = self._unique_key(path)
         self.tensors[key] = cpu
         self.labels[key] = (str(tensor.dtype), tuple(tensor.shape))
@@ -506,31 +555,70 @@ def _snapshot(obj: Any, path: tuple[str, ...]) -> Any:
     raise TypeError(f"cannot snapshot {type(obj).__qualname__} at {_where(path)}")
 
 
-def tensor_digests(state: dict, groups: Iterable[str] = ("model", "ema", "optimizer")) -> dict[str, str]:
-    """SHA-256 per top-level group over its tensors, independent of dict order and of the process.
+def tensor_digests(
+    state: dict, groups: Iterable[str] = ("model", "ema", "optimizer"), algorithm: str = CHECKSUM.name
+) -> dict[str, str]:
+    """A digest per top-level group over its tensors, independent of dict order and of the process.
 
     Covers, for each flattened key in sorted order: the key, the dtype, the shape and the raw bytes, each
-    length-prefixed so that no two different sequences of fields hash the same stream."""
+    length-prefixed so that no two different sequences of fields hash the same stream. A value says how
+    it was made, ``"xxh3_128:<hex>"``; ``algorithm="sha256"`` gives the bare hex that checkpoints of format
+    version 1 hold (to recompute one of those). Compare digests with `compare_digests`."""
+    checksum = CHECKSUMS[algorithm]
     digests = {}
     for group in groups:
         if group not in state:
             continue
         flattener = _Flattener()
         flattener.encode(state[group], (group,))
-        digest = hashlib.sha256()
+        digest = checksum.new()
         for key in sorted(flattener.tensors):
             dtype, shape = flattener.labels[key]
-            for field in (key.encode("utf-8", "surrogatepass"), dtype.encode(), repr(shape).encode()):
-                _hash_field(digest, field)
-            raw = flattener.tensors[key].reshape(-1).view(torch.uint8).numpy()
-            _hash_field(digest, memoryview(raw))
-        digests[group] = digest.hexdigest()
+            raw = memoryview(flattener.tensors[key].reshape(-1).view(torch.uint8).numpy())
+            # One update for the small fields and the raw bytes' length prefix, one for the raw bytes:
+            # the same stream as a field at a time, in two calls instead of eight.
+            fields = (key.encode("utf-8", "surrogatepass"), dtype.encode(), repr(shape).encode())
+            digest.update(b"".join(_length_prefixed(field) for field in fields) + _length(raw))
+            digest.update(raw)
+        hexdigest = digest.hexdigest()
+        # Version 1 wrote bare SHA-256 hex; keeping that spelling lets an old digest be recomputed exactly.
+        digests[group] = hexdigest if checksum.name == "sha256" else f"{checksum.name}:{hexdigest}"
     return digests
 
 
-def _hash_field(digest: Any, data: bytes | memoryview) -> None:
-    digest.update(len(data).to_bytes(8, "little"))
-    digest.update(data)
+def digest_algorithm(value: Any) -> str | None:
+    """The algorithm of one `tensor_digests` value: the prefix it names, "sha256" for the bare 64-hex of
+    format version 1, None for anything else."""
+    if type(value) is not str:
+        return None
+    name, sep, hexdigest = value.rpartition(":")
+    if not sep:
+        name, hexdigest = "sha256", value
+    checksum = CHECKSUMS.get(name)
+    return name if checksum is not None and checksum.is_digest(hexdigest) else None
+
+
+def compare_digests(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, bool | None]:
+    """Per group of either side: True when both digests are equal, False when they differ or the group is
+    missing on one side, None when they were made by different (or unknown) algorithms and so say nothing
+    about each other (a SHA-256 digest of an old checkpoint beside an XXH3 one of a new checkpoint):
+    recompute one side with `tensor_digests(state, algorithm=digest_algorithm(value))` to compare them."""
+    result: dict[str, bool | None] = {}
+    for group in sorted(set(a) | set(b)):
+        if group not in a or group not in b:
+            result[group] = False
+            continue
+        algorithm = digest_algorithm(a[group])
+        result[group] = a[group] == b[group] if algorithm and algorithm == digest_algorithm(b[group]) else None
+    return result
+
+
+def _length(data: bytes | memoryview) -> bytes:
+    return len(data).to_bytes(8, "little")
+
+
+def _length_prefixed(data: bytes) -> bytes:
+    return _length(data) + data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -581,7 +669,9 @@ class _TensorFile:
     slow shared-storage scan), then we would hash and write it: three passes over ~150 MB for a
     YOLOv5s state. Here the header is built by hand (the layout is tiny and `verify_checkpoint`
     plus `safetensors.load_file` check it on every load), the data is written from zero-copy views,
-    and SHA-256 runs in a second thread over the same views while the main thread writes."""
+    and the checksum runs in a second thread over the same views while the main thread writes (xxhash,
+    like hashlib, releases the GIL while it hashes a buffer). Small tensors are joined into larger
+    buffers first, so a state of ~3,000 tensors costs a few dozen writes and hash updates, not 3,000."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         header: dict[str, Any] = {}
@@ -603,11 +693,11 @@ class _TensorFile:
         self.size = len(self.prefix) + offset
 
     def write(self, path: Path) -> str:
-        """Write, fsync, and return the SHA-256 of what was written."""
-        digest = hashlib.sha256()
-        chunks = [memoryview(self.prefix), *self.views]
-        hasher = threading.Thread(target=lambda: [digest.update(c) for c in chunks], name="sha256")
-        hasher.start()  # hashlib releases the GIL on large buffers: hashing overlaps the writes
+        """Write, fsync, and return the `CHECKSUM` digest of what was written."""
+        digest = CHECKSUM.new()
+        chunks = _coalesced([memoryview(self.prefix), *self.views])
+        hasher = threading.Thread(target=lambda: [digest.update(c) for c in chunks], name="checksum")
+        hasher.start()  # the hash releases the GIL on each buffer: hashing overlaps the writes
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
@@ -619,6 +709,27 @@ class _TensorFile:
         finally:
             hasher.join()
         return digest.hexdigest()
+
+
+def _coalesced(views: list[memoryview]) -> list[memoryview]:
+    """The same bytes in fewer buffers: each run of views under COALESCE_BYTES joined into one (a copy
+    of those small bytes only, at most CHUNK_BYTES per buffer), larger views passed on as they are."""
+    chunks: list[memoryview] = []
+    run: list[memoryview] = []
+    run_bytes = 0
+    for view in views:
+        if view.nbytes >= COALESCE_BYTES or run_bytes + view.nbytes > CHUNK_BYTES:
+            if run:
+                chunks.append(memoryview(b"".join(run)))
+                run, run_bytes = [], 0
+        if view.nbytes >= COALESCE_BYTES:
+            chunks.append(view)
+        else:
+            run.append(view)
+            run_bytes += view.nbytes
+    if run:
+        chunks.append(memoryview(b"".join(run)))
+    return chunks
 
 
 @dataclass
@@ -637,7 +748,8 @@ def _encode_files(state: dict, meta: dict) -> _Encoded:
 
 
 def _manifest(listing: dict[str, dict]) -> bytes:
-    return _dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": listing}, indent=2)
+    doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "algorithm": CHECKSUM.name, "files": listing}
+    return _dumps(doc, indent=2)
 
 
 def _check_name(name: str) -> None:
@@ -710,14 +822,14 @@ class _Commit:
         os.mkdir(self.tmp, 0o755)
         self.step = f"writing {TENSORS_FILE}"
         listing = {
-            TENSORS_FILE: {"size": encoded.tensors.size, "sha256": encoded.tensors.write(self.tmp / TENSORS_FILE)}
+            TENSORS_FILE: {"size": encoded.tensors.size, "digest": encoded.tensors.write(self.tmp / TENSORS_FILE)}
         }
         _crash_point(KILL_STAGES[0])
         for name, stage in zip(DATA_FILES[1:], KILL_STAGES[1:3], strict=True):
             self.step = f"writing {name}"
             data = encoded.json_files[name]
             _write_file(self.tmp / name, data)
-            listing[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            listing[name] = {"size": len(data), "digest": CHECKSUM.hexdigest(data)}
             _crash_point(stage)
         _crash_point("before_manifest")
         self.step = f"writing {MANIFEST_FILE}"
@@ -834,7 +946,23 @@ def _remove_stale_temps(parent: Path) -> None:
 @dataclass(frozen=True)
 class _Entry:
     size: int
-    sha256: str
+    digest: str
+    checksum: Checksum  # the algorithm its manifest names
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a manifest of one format version looks like."""
+
+    keys: frozenset[str]
+    digest_key: str  # per-file entry: {"size": ..., digest_key: ...}
+    checksum: Checksum | None  # None: named by the manifest's "algorithm"
+
+
+_LAYOUTS = {
+    1: _Layout(frozenset({"format", "format_version", "files"}), "sha256", CHECKSUMS["sha256"]),
+    2: _Layout(frozenset({"format", "format_version", "algorithm", "files"}), "digest", None),
+}
 
 
 @dataclass(frozen=True)
@@ -939,38 +1067,52 @@ def _check_plain_name(path: Path, name: Any) -> None:
         )
 
 
-def _parse_manifest(path: Path, doc: Any) -> dict[str, _Entry]:
-    if type(doc) is not dict or set(doc) != {"format", "format_version", "files"}:
+def _parse_manifest(path: Path, doc: Any) -> tuple[int, dict[str, _Entry]]:
+    """(format version, entries) of a manifest of any readable version."""
+    if type(doc) is not dict or not {"format", "format_version", "files"} <= set(doc):
         raise _refuse(path, MANIFEST_FILE, "is not a yolo-resume manifest (keys format, format_version, files)")
     if doc["format"] != FORMAT_NAME:
         raise _refuse(path, MANIFEST_FILE, f"format is {doc['format']!r}, not {FORMAT_NAME!r}")
     version = doc["format_version"]
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in _LAYOUTS:
         raise _refuse(
             path,
             MANIFEST_FILE,
-            f"format_version {version!r} is not supported (this yolo-resume reads version {FORMAT_VERSION})",
+            f"format_version {version!r} is not supported (this yolo-resume reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))})",
             "use the yolo-resume release that wrote this checkpoint",
         )
+    layout = _LAYOUTS[version]
+    if set(doc) != layout.keys:
+        keys = ", ".join(sorted(layout.keys))
+        raise _refuse(path, MANIFEST_FILE, f"is not a yolo-resume manifest of version {version} (keys {keys})")
+    checksum = layout.checksum or _named_checksum(path, doc["algorithm"])
     if type(doc["files"]) is not dict:
         raise _refuse(path, MANIFEST_FILE, "'files' is not an object")
     entries = {}
     for name, entry in doc["files"].items():
         _check_plain_name(path, name)
-        if type(entry) is not dict or set(entry) != {"size", "sha256"}:
-            raise _refuse(path, MANIFEST_FILE, f"entry {name!r} must have exactly 'size' and 'sha256'")
-        size, digest = entry["size"], entry["sha256"]
-        if type(size) is not int or size < 0 or type(digest) is not str or not _is_sha256_hex(digest):
-            raise _refuse(path, MANIFEST_FILE, f"entry {name!r} has a malformed size or sha256")
-        entries[name] = _Entry(size, digest)
-    return entries
+        if type(entry) is not dict or set(entry) != {"size", layout.digest_key}:
+            raise _refuse(path, MANIFEST_FILE, f"entry {name!r} must have exactly 'size' and '{layout.digest_key}'")
+        size, digest = entry["size"], entry[layout.digest_key]
+        if type(size) is not int or size < 0 or not checksum.is_digest(digest):
+            raise _refuse(path, MANIFEST_FILE, f"entry {name!r} has a malformed size or {checksum.label} digest")
+        entries[name] = _Entry(size, digest, checksum)
+    return version, entries
 
 
-def _is_sha256_hex(text: str) -> bool:
-    return len(text) == 64 and all(ch in "0123456789abcdef" for ch in text)
+def _named_checksum(path: Path, name: Any) -> Checksum:
+    if type(name) is not str or name not in CHECKSUMS:
+        raise _refuse(
+            path,
+            MANIFEST_FILE,
+            f"checksum algorithm {name!r} is not supported (this yolo-resume reads {', '.join(CHECKSUMS)})",
+            "use the yolo-resume release that wrote this checkpoint",
+        )
+    return CHECKSUMS[name]
 
 
-def _check_file_set(path: Path, entries: dict[str, _Entry], sizes: Mapping[str, int]) -> None:
+def _check_file_set(path: Path, version: int, entries: dict[str, _Entry], sizes: Mapping[str, int]) -> None:
     listed, present = set(entries), set(sizes) - {MANIFEST_FILE}
     missing, extra = sorted(listed - present), sorted(present - listed)
     if missing:
@@ -984,7 +1126,7 @@ def _check_file_set(path: Path, entries: dict[str, _Entry], sizes: Mapping[str, 
         )
     unknown = sorted(listed - set(DATA_FILES))
     if unknown:
-        raise _refuse(path, repr(unknown[0]), f"unexpected file (not part of format version {FORMAT_VERSION})")
+        raise _refuse(path, repr(unknown[0]), f"unexpected file (not part of format version {version})")
     unlisted = [name for name in DATA_FILES if name not in listed]
     if unlisted:
         raise _refuse(path, unlisted[0], "is missing from the manifest")
@@ -1014,14 +1156,16 @@ def check_listing(
     if sizes[MANIFEST_FILE] > MANIFEST_MAX_BYTES:
         raise _refuse(where, MANIFEST_FILE, f"is larger than the {MANIFEST_MAX_BYTES} byte limit")
     data = read(MANIFEST_FILE, MANIFEST_MAX_BYTES + 1)
+    # The commit marker stays SHA-256: it covers only this small manifest (well under a millisecond), and
+    # the manifest's own checksums cover the data files.
     if manifest_sha256 is not None and hashlib.sha256(data).hexdigest() != manifest_sha256:
         raise _refuse(where, MANIFEST_FILE, "SHA-256 does not match the commit marker (modified after the commit)")
     try:
         doc = _loads_strict(data)
     except ValueError as exc:
         raise _refuse(where, MANIFEST_FILE, f"is not strict JSON: {exc}") from None
-    entries = _parse_manifest(where, doc)
-    _check_file_set(where, entries, sizes)
+    version, entries = _parse_manifest(where, doc)
+    _check_file_set(where, version, entries, sizes)
     return entries
 
 
@@ -1041,8 +1185,8 @@ def _read_listed(where: Path | str, name: str, entry: _Entry, read: Callable[[st
     if entry.size > JSON_MAX_BYTES:
         raise _refuse(where, name, f"is larger than the {JSON_MAX_BYTES} byte limit")
     data = read(name, entry.size + 1)
-    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise _refuse(where, name, "SHA-256 does not match the manifest (file is corrupt or was modified)")
+    if len(data) != entry.size or entry.checksum.hexdigest(data) != entry.digest:
+        raise _refuse(where, name, _mismatch(entry))
     return data
 
 
@@ -1061,16 +1205,20 @@ def _check_structure(path: Path) -> dict[str, _Entry]:
     return check_listing(path, sizes, _local_reader(path))
 
 
+def _mismatch(entry: _Entry) -> str:
+    return f"{entry.checksum.label} does not match the manifest (file is corrupt or was modified)"
+
+
 def _check_tensor_file_digest(path: Path, entry: _Entry) -> None:
-    digest, total = hashlib.sha256(), 0
+    digest, total = entry.checksum.new(), 0
     buffer = bytearray(CHUNK_BYTES)
     view = memoryview(buffer)
     with _open_regular(path / TENSORS_FILE) as file:
         while count := file.readinto(buffer):
             digest.update(view[:count])
             total += count
-    if total != entry.size or digest.hexdigest() != entry.sha256:
-        raise _refuse(path, TENSORS_FILE, "SHA-256 does not match the manifest (file is corrupt or was modified)")
+    if total != entry.size or digest.hexdigest() != entry.digest:
+        raise _refuse(path, TENSORS_FILE, _mismatch(entry))
 
 
 def _parse_json_file(path: Path, name: str, data: bytes) -> Any:
@@ -1178,7 +1326,7 @@ def _verify(path: Path) -> tuple[Any, dict]:
     come first (sizes against the manifest, the small JSON files, the bytes actually on disk: a sparse
     file is refused), then the safetensors header against the file size, so a crafted tensor file costs
     at most the bytes it really holds. A header error is reported after the hash: a flipped bit in it
-    is named for what it is, a SHA-256 mismatch."""
+    is named for what it is, a checksum mismatch."""
     entries = _check_structure(path)
     read = _local_reader(path)
     state_bytes = _read_listed(path, STATE_FILE, entries[STATE_FILE], read)

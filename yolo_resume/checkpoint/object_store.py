@@ -293,7 +293,8 @@ class ObjectStore:
 
     def _verify_upload(self, name: str, sizes: dict[str, int], small: dict[str, str]) -> None:
         """Every uploaded object has the local size; small ones also the local SHA-256 (read back).
-        The tensor file is checked by size here and by SHA-256 on every download."""
+        The tensor file is checked by size here and by its manifest checksum on every download. (SHA-256
+        here and in the marker: they cover only files of at most 1 MiB, and the marker's format stays.)"""
         self.fs.invalidate_cache()
         for file, size in sizes.items():
             url = self.url_of(name, file)
