@@ -293,13 +293,7 @@ def index_yolo_split(
     cache = IndexCache.for_split(root, f"{split}:yolo", {"nc": len(names), "kpt_shape": kpt_shape})
     cache.load()
     stats = [(*stat_key(p), *stat_key(lp)) for p, lp in zip(images, labels, strict=True)]
-    entries, todo = {}, []
-    for i, (key, stat) in enumerate(zip(rel, stats, strict=True)):
-        old = cache.entries.get(key)
-        if old is not None and tuple(old["stat"]) == stat and (old.get("content") or fingerprint != "content"):
-            entries[key] = old
-        else:
-            todo.append(i)
+    entries, todo = _split_by_cache(cache, rel, stats, fingerprint)
     cached = len(images) - len(todo)
 
     def check(i: int) -> tuple[str, dict]:
@@ -455,13 +449,7 @@ def check_coco_images(
     for rec, stat in zip(records, stats, strict=True):
         if stat[0] < 0:
             raise DataError(f"image of `{ann_path}` `{rec.path}` not found; check the dataset folder and the file name")
-    entries, todo = {}, []
-    for i, (key, stat) in enumerate(zip(rel, stats, strict=True)):
-        old = cache.entries.get(key)
-        if old is not None and tuple(old["stat"]) == stat and (old.get("content") or fingerprint != "content"):
-            entries[key] = old
-        else:
-            todo.append(i)
+    entries, todo = _split_by_cache(cache, rel, stats, fingerprint)
 
     def check(i: int) -> tuple[str, dict]:
         entry: dict = {"stat": list(stats[i])}
@@ -511,3 +499,16 @@ def _rel(path: Path, root: Path) -> str:
     if text.startswith(prefix) and os.sep == "/":
         return text[len(prefix) :]
     return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _split_by_cache(cache, rel: list[str], stats: list[tuple], fingerprint: str) -> tuple[dict, list[int]]:
+    """The cache entries still valid (same stat; a content hash when `fingerprint: content` needs one),
+    and the indices of the files to check again."""
+    entries, todo = {}, []
+    for i, (key, stat) in enumerate(zip(rel, stats, strict=True)):
+        old = cache.entries.get(key)
+        if old is not None and tuple(old["stat"]) == stat and (old.get("content") or fingerprint != "content"):
+            entries[key] = old
+        else:
+            todo.append(i)
+    return entries, todo
