@@ -160,10 +160,17 @@ def _alive(pid: int) -> bool:
 
 WATCHING_CHILD = textwrap.dedent(
     """
-    import signal, sys, time
+    import os, signal, sys, time
     from yolo_resume.stopping import watch_parent
     marker = sys.argv[1]
-    signal.signal(signal.SIGTERM, lambda *a: (open(marker, "w").write("SIGTERM"), sys.exit(0)))
+
+    def on_term(*_):  # the marker appears whole (the test may read it the moment it exists)
+        with open(marker + ".tmp", "w") as f:
+            f.write("SIGTERM")
+        os.replace(marker + ".tmp", marker)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
     assert watch_parent(poll_s=0.05) is not None
     open(marker + ".ready", "w").close()
     time.sleep(120)
