@@ -130,12 +130,13 @@ def test_sigkill_at_random_moments_then_resume_is_exact(straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_thirty_sigkills_then_resume_is_exact(tmp_path):
+def test_fifteen_sigkills_then_resume_is_exact(tmp_path):
     long = {"data.num_train": 64, "ckpt.every_steps": 1}  # 16 batches/epoch, 48 steps
     ref = cli("train", "--run-dir", "ref", "-q", *sets(tmp_path / "data", **long), cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
-    kills = kill_and_resume_until_done(tmp_path, tmp_path / "data", kills=30, seed=7, **long)
-    assert kills >= 30
+    # 15 kills: each costs a process start (~5 s on 2 cores), and the suite has a 20-minute budget
+    kills = kill_and_resume_until_done(tmp_path, tmp_path / "data", kills=15, seed=7, **long)
+    assert kills >= 15
     final = final_ckpt(tmp_path / "k", 48)
     assert read_meta(final)["digests"] == read_meta(final_ckpt(tmp_path / "ref", 48))["digests"]
     assert step_rows(tmp_path / "k") == step_rows(tmp_path / "ref")
