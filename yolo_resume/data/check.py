@@ -333,12 +333,7 @@ def index_yolo_split(
     report.boxes = Counter(
         {names[c]: n for c, n in sorted(Counter(c for r in records for c in r.cls.tolist()).items())}
     )
-    report.cache_file = str(cache.path)
-    if todo:
-        note = cache.save(entries)
-        if note:
-            report.notes.append(f"{split}: {note}")
-    report.seconds = time.perf_counter() - start
+    _save_index(report, cache, entries, bool(todo), split, start)
     return Split(
         names=list(names),
         records=records,
@@ -477,12 +472,7 @@ def check_coco_images(
         rec.mtime_ns, rec.content = int(entry["stat"][1]), entry.get("content") or ""
         kept.append(rec)
     _refuse_unusable(report, kept, on_bad_image, [], [], [])
-    report.cache_file = str(cache.path)
-    if todo:
-        note = cache.save(entries)
-        if note:
-            report.notes.append(f"{split}: {note}")
-    report.seconds = time.perf_counter() - start
+    _save_index(report, cache, entries, bool(todo), split, start)
     return kept, report
 
 
@@ -512,3 +502,13 @@ def _split_by_cache(cache, rel: list[str], stats: list[tuple], fingerprint: str)
         else:
             todo.append(i)
     return entries, todo
+
+
+def _save_index(report, cache, entries: dict, changed: bool, split: str, start: float) -> None:
+    """Write the split's index when a file was (re)checked, and finish the report with where and how long."""
+    report.cache_file = str(cache.path)
+    if changed:
+        note = cache.save(entries)
+        if note:
+            report.notes.append(f"{split}: {note}")
+    report.seconds = time.perf_counter() - start
