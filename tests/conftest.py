@@ -82,13 +82,35 @@ def step_rows(run: Path, after: int = 0) -> list[list[str]]:
     return [r for r in rows if int(r[0]) > after]
 
 
-@pytest.fixture(scope="session")
-def straight(tmp_path_factory):
-    """The uninterrupted reference run, with a checkpoint after every step."""
-    work = tmp_path_factory.mktemp("straight")
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """A folder `build(folder)` fills once per test session, shared by all pytest-xdist workers.
+
+    Under xdist each worker has its own base temp folder inside one shared parent; the first worker
+    to take the lock builds the folder there and the others wait and reuse it, so an expensive
+    reference run is trained once, not once per worker."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
+def _train_straight(work: Path) -> None:
     result = cli("train", "--run-dir", "run", "-q", *sets(work / "data"), cwd=work)
     assert result.returncode == 0, result.stdout + result.stderr
-    return work
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory):
+    """The uninterrupted reference run, with a checkpoint after every step (trained once per session)."""
+    return built_once(tmp_path_factory, "straight", _train_straight)
 
 
 def assert_same_as_straight(straight: Path, run: Path, resumed_at: int = 0) -> None:
