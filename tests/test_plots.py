@@ -31,6 +31,8 @@ def test_a_training_run_writes_every_picture(straight):
         # the figures are drawn at 100 dpi (>= 600 px); the batch grids are 2x2 tiles of the 64-px images
         assert_picture(run / name, (600, 600) if name.endswith(".png") else (128, 128))
     assert not list(run.glob(".*.tmp-*")), "a temporary picture was left behind"
+    # 3 epochs, under the default ckpt.light_every_epochs (5): no milestone weights file
+    assert not (run / "weights").exists()
 
 
 def test_train_batches_are_the_pure_items_so_a_resume_draws_the_same(straight, tmp_path):
