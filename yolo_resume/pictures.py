@@ -341,6 +341,17 @@ def draw_confusion(matrix: np.ndarray, names: list[str], out: Path, suffix: str 
     return _save_figure(fig, out)
 
 
+def _warm_up() -> None:
+    """Import the drawing modules and load matplotlib's font list here, before training: done first in the
+    worker, their module initialisation holds the GIL for up to ~0.1 s, stalling the step that runs then."""
+    from matplotlib import font_manager
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    from ultralytics.utils.metrics import ConfusionMatrix, ap_per_class  # noqa: F401
+    from ultralytics.utils.plotting import plot_images  # noqa: F401
+
+    font_manager.findfont("DejaVu Sans")
+
+
 # -- the training run's writer --------------------------------------------------------------------
 class RunPictures:
     """The training run's pictures: jobs run in order by one background thread; a picture that cannot be
@@ -352,6 +363,7 @@ class RunPictures:
         self._thread: threading.Thread | None = None
         self._pending_val: ValPictures | None = None
         self._last_val_draw = time.monotonic()  # the first after a minute (or at the end), as results.png
+        _warm_up()
 
     def labels(self, records) -> None:
         """labels.png of the train split, unless the run already has it (a resume)."""
