@@ -62,6 +62,15 @@ def test_val_reproduces_the_runs_own_validation_and_writes_its_report(straight, 
         assert 0 <= report["metrics"][key] <= 1
     best = report["best_f1"]
     assert 0 <= best["conf"] <= 1 and 0 <= best["precision"] <= 1 and 0 <= best["recall"] <= 1
+    # the validation pictures, in a folder named as the report
+    from test_plots import assert_picture
+
+    from yolo_resume.pictures import VAL_PICTURES
+
+    folder = run / "val" / Path(report["report"]).stem
+    assert sorted(Path(p).name for p in report["pictures"]) == sorted(VAL_PICTURES)
+    for name in VAL_PICTURES:
+        assert_picture(folder / name, (600, 600) if name.endswith(".png") else (128, 128))
     # the table mode prints the same figures
     table = invoke("val", final_ckpt(run), "--weights", "model", "--save-dir", tmp_path / "elsewhere")
     assert table.exit_code == 0, table.output
@@ -154,8 +163,9 @@ def test_every_minutes_is_on_by_default():
 
 def test_a_finished_run_prints_the_paths_a_user_wants_last(tmp_path):
     """The one training subprocess: 1 epoch of 4 images. Under a minute, so the 10-minute default adds
-    no checkpoint (ckpt-N at the epoch end only)."""
-    overrides = tiny_overrides(tmp_path / "data", **{"data.num_train": 4, "train.epochs": 1, "ckpt.keep_last": 3})
+    no checkpoint (ckpt-N at the epoch end only); `ckpt.light_every_epochs: 1` adds the epoch's milestone."""
+    extra = {"data.num_train": 4, "train.epochs": 1, "ckpt.keep_last": 3, "ckpt.light_every_epochs": 1}
+    overrides = tiny_overrides(tmp_path / "data", **extra)
     result = cli("train", "--run-dir", "run", "-q", *[a for o in overrides for a in ("--set", o)], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "run"
@@ -178,13 +188,15 @@ def test_a_finished_run_prints_the_paths_a_user_wants_last(tmp_path):
     import torch
 
     state, _ = resolve(ckpt).one().load()
-    for name in ("best.safetensors", "last.safetensors"):
+    for name in ("best.safetensors", "last.safetensors", "weights/epoch-1.safetensors"):
         with safetensors.safe_open(run / name, "pt") as f:
             assert f.metadata()["format"] == "yolo-resume-weights" and f.metadata()["weights"] == "ema"
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         assert tensors.keys() == state["ema"]["weights"].keys()
         assert all(torch.equal(tensors[k], v) for k, v in state["ema"]["weights"].items())
+    # retention and resume never see the light files: the run's only checkpoint is ckpt-1
     assert [info.name for info in resolve(run).infos()] == ["ckpt-000000001"]
+    assert [p.name for p in (run / "weights").iterdir()] == ["epoch-1.safetensors"]
     assert not list(run.glob(".*.tmp-*"))
 
 
@@ -224,3 +236,28 @@ def test_per_class_figures_on_crafted_detections():
     found = [{"image_id": 1, "category_id": 7, "bbox": [10, 10, 40, 40], "score": 0.9}]
     per_category = coco_per_category(coco_eval(gt, found, [1]))
     assert per_category == {7: pytest.approx({"ap": 1.0, "ap50": 1.0}), 9: {"ap": 0.0, "ap50": 0.0}}
+
+
+def test_val_and_predict_take_a_remote_checkpoint(straight, url, endpoint, s3, tmp_path, monkeypatch):
+    """A bare s3:// URL of a committed checkpoint (the reference run's final one, uploaded as a run's save
+    uploads it), reached through the standard environment (AWS_ENDPOINT_URL): the same report as the local
+    checkpoint's. (A corrupt remote checkpoint fails the same CheckpointRef.load as a local one, tested
+    above and in test_remote_store; not repeated here: each download of the 49 MB checkpoint costs ~3 s.)"""
+    from yolo_resume.checkpoint.object_store import ObjectStore
+
+    name = final_ckpt(straight / "run").name
+    store = ObjectStore(url, {"endpoint_url": endpoint})
+    store._upload(name, final_ckpt(straight / "run"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    remote = f"{url}/{name}"
+    result = invoke("val", remote, "--json", "--save-dir", tmp_path / "val")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["checkpoint"] == remote and Path(report["report"]).parent == tmp_path / "val"
+    stored = json.loads((final_ckpt(straight / "run") / "meta.json").read_text())["metrics"]
+    assert {k: report["metrics"][k] for k in ("map", "map50", "fitness")} == stored
+    out = tmp_path / "out"
+    result = invoke("predict", remote, ASSETS / "bus.jpg", "--conf", "0", "--save-dir", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert [Path(r["output"]).name for r in json.loads(result.stdout)["images"]] == ["bus.jpg"]
+    assert (out / "bus.jpg").is_file() and (out / "predictions.json").is_file()

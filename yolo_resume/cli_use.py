@@ -60,6 +60,8 @@ def val(
         soft_wrap=True,
     )
     out.print(f"report: {path}", soft_wrap=True)
+    if report.get("pictures"):
+        out.print(f"pictures: {Path(report['pictures'][0]).parent}", soft_wrap=True)
 
 
 @user_errors

@@ -159,6 +159,12 @@ class CkptConfig:
     keep_last: int = opt(3, "Keep the newest N checkpoints.")
     keep_best: int = opt(1, "Also keep the K checkpoints with the best fitness.")
     keep_every: int = opt(0, "Also keep every checkpoint at an epoch multiple of E (milestones; 0 = off).")
+    light_every_epochs: int = opt(
+        5,
+        "Every N epochs also write `<run>/weights/epoch-N.safetensors`: the EMA weights alone, as best/last "
+        "(yolov5n: 10 MB, a checkpoint 49 MB), kept outside the checkpoint store, so retention never counts them and "
+        "nothing resumes from one (0 = off).",
+    )
     async_: bool = opt(True, "Write checkpoints in a background thread (training stalls only for a memory copy).")
     max_failures: int = opt(3, "Stop training after this many consecutive failed saves (disk full, I/O error).")
     storage_options: dict[str, Any] = opt(
@@ -451,6 +457,7 @@ def validate(cfg: Config) -> None:
         "ckpt.keep_last": cfg.ckpt.keep_last,
         "ckpt.keep_best": cfg.ckpt.keep_best,
         "ckpt.keep_every": cfg.ckpt.keep_every,
+        "ckpt.light_every_epochs": cfg.ckpt.light_every_epochs,
         "eval.every_epochs": cfg.eval.every_epochs,
         "train.warmup_epochs": cfg.train.warmup_epochs,
         "train.nan_retries": cfg.train.nan_retries,

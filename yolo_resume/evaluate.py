@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from ultralytics.utils.metrics import ap_per_class, box_iou, smooth
 from ultralytics.utils.nms import non_max_suppression
 
 from .config import EvalConfig
+
+if TYPE_CHECKING:
+    from .pictures import ValPictures
 
 
 def fitness(metrics: dict[str, float]) -> float:
@@ -112,9 +116,16 @@ class UltralyticsStyleAP:
 
 @torch.no_grad()
 def predict_coco(
-    model: torch.nn.Module, loader, class_to_category: list[int], device, cfg: EvalConfig, ul: UltralyticsStyleAP
+    model: torch.nn.Module,
+    loader,
+    class_to_category: list[int],
+    device,
+    cfg: EvalConfig,
+    ul: UltralyticsStyleAP,
+    pictures: ValPictures | None = None,
 ) -> list:
-    """Detections for every image of `loader`, as COCO result dicts; `ul` gets the multi-label ones."""
+    """Detections for every image of `loader`, as COCO result dicts; `ul` gets the multi-label ones, and so
+    does `pictures` (the confusion matrix and the first batch's picture: the detections the metric scores)."""
     was_training = model.training
     model.eval()
     results = []
@@ -125,6 +136,8 @@ def predict_coco(
         # clone: some ultralytics versions convert the boxes of the tensor they are given in place
         multi = non_max_suppression(preds.clone(), cfg.conf, cfg.iou, multi_label=True, max_det=cfg.max_det)
         ul.update(multi, batch)
+        if pictures is not None:
+            pictures.update(multi, batch)
         dets = non_max_suppression(preds, cfg.conf, cfg.iou, max_det=cfg.max_det)
         for det, image_id, ratio_pad, ori_shape in zip(
             dets, batch["image_id"], batch["ratio_pad"], batch["ori_shape"], strict=True
@@ -187,11 +200,15 @@ def coco_per_category(evaluator: COCOeval | None) -> dict[int, dict[str, float]]
     return rows
 
 
-def evaluate_detailed(model: torch.nn.Module, loader, dataset, device, cfg: EvalConfig) -> dict:
+def evaluate_detailed(
+    model: torch.nn.Module, loader, dataset, device, cfg: EvalConfig, pictures: ValPictures | None = None
+) -> dict:
     """What `evaluate` returns (from the same detections) plus a per-class table and the precision and
     recall at the best-F1 confidence: the report of `yolo-resume val`."""
     ul = UltralyticsStyleAP()
-    results = predict_coco(model, loader, dataset.class_to_category, device, cfg, ul)
+    results = predict_coco(model, loader, dataset.class_to_category, device, cfg, ul, pictures)
+    if pictures is not None:
+        pictures.stats = ul.arrays()
     image_ids = [int(r.image_id) for r in dataset.records]
     evaluator = coco_eval(dataset.coco_gt(), results, image_ids)
     metrics = _map_of(evaluator)
@@ -225,9 +242,14 @@ def evaluate_detailed(model: torch.nn.Module, loader, dataset, device, cfg: Eval
     }
 
 
-def evaluate(model: torch.nn.Module, loader, dataset, device, cfg: EvalConfig) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, loader, dataset, device, cfg: EvalConfig, pictures: ValPictures | None = None
+) -> dict[str, float]:
+    """The metrics training records; `pictures` (optional) collects what the validation pictures show."""
     ul = UltralyticsStyleAP()
-    results = predict_coco(model, loader, dataset.class_to_category, device, cfg, ul)
+    results = predict_coco(model, loader, dataset.class_to_category, device, cfg, ul, pictures)
+    if pictures is not None:
+        pictures.stats = ul.arrays()
     image_ids = [int(r.image_id) for r in dataset.records]
     metrics = coco_map(dataset.coco_gt(), results, image_ids)
     metrics["fitness"] = fitness(metrics)

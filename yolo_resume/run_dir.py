@@ -6,6 +6,11 @@
 <run>/steps.csv          one row per trained batch (losses, lr)
 <run>/results.csv        one row per finished epoch, rewritten from the checkpointed history
 <run>/results.png        drawn from results.csv, resume points marked
+<run>/best.safetensors, last.safetensors   the EMA weights a user ships (light.py)
+<run>/weights/epoch-N.safetensors          milestone EMA weights, every ckpt.light_every_epochs epochs
+<run>/labels.png, train_batch0-2.jpg,      the pictures (pictures.py): labels, first augmented batches,
+  PR_curve.png, F1_curve.png, confusion_matrix_normalized.png, val_batch0_labels.jpg, val_batch0_pred.jpg
+<run>/val/               `yolo-resume val` reports (JSON) and their pictures; <run>/predict/: `predict`
 <run>/segments.jsonl     one line per process that trained the run, and how it ended
 <run>/last_exit.json     rank 0's exit code under torchrun, for the supervisor
 <run>/store.json         where the checkpoints live (a copy of config.yaml's ckpt.dir, for a torn config.yaml)

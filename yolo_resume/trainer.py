@@ -30,6 +30,7 @@ from .light import LightWeights
 from .lineage import interruption_entry
 from .model import LOSS_NAMES, build_model, compute_loss
 from .optim import LRSchedule, accumulate_at, accumulate_steps, build_optimizer, resolve_optimizer
+from .pictures import RunPictures, ValPictures
 from .progress import TrainProgress, print_dataset_check
 from .provenance import code_version, experiment_git, git_info, host, versions
 from .run_dir import RunDir
@@ -131,6 +132,11 @@ class Trainer:
         self.light = LightWeights(
             self.run_dir, cfg.model.cfg, list(self.train_ds.names), cfg.model.imgsz, self.progress.notice
         )
+        # labels.png, train_batch*.jpg and the validation pictures, drawn in the background (pictures.py)
+        self.pictures = (
+            RunPictures(self.run_dir, self.train_ds.names, self.progress.notice) if self.dist.is_main else None
+        )
+        self._val_pictures: ValPictures | None = None  # the last validation's, until its epoch is finished
         self.stops = StopOnSignals(notice=self.progress.notice)  # what this rank received
         self.stop_signal: str | None = None  # the stop every rank agreed on (acted upon after the step)
         self.saves = SavePolicy(cfg.ckpt, cfg.train.epochs)
@@ -234,6 +240,8 @@ class Trainer:
         """Train to `train.epochs`; returns the process exit code (OK, or INTERRUPTED after a stop signal)."""
         self.net = self.dist.wrap(self.model, self.device)
         with self.progress, self.stops:
+            if self.pictures is not None:
+                self.pictures.labels(self.train_ds.records)
             try:
                 if self.state.pending_eval:  # resumed after a failed validation: validate that epoch first
                     self.progress.notice(f"validating epoch {self.state.epoch}, whose validation failed before")
@@ -252,6 +260,8 @@ class Trainer:
                 self.log.close(self.state.history)
                 self.ckpt.wait()  # never exit with a save in flight
                 self.light.wait()
+                if self.pictures is not None:
+                    self.pictures.close()
             self.check_saves(final=True)
             self.dist.barrier()  # every rank leaves together, after rank 0's last commit
         if self.stop_signal:
@@ -265,6 +275,8 @@ class Trainer:
         self.model.train()
         self.progress.start_epoch(state.epoch, self.cfg.train.epochs, nb, state.step_in_epoch)
         for batch in self.train_loader:
+            if self.pictures is not None:
+                self.pictures.train_batch(state.epoch, state.step_in_epoch, batch)
             losses, lr = self.train_step(batch)
             state.step_in_epoch += 1
             state.global_step += 1
@@ -372,7 +384,13 @@ class Trainer:
         if self.dist.is_main:  # the weights a user ships, beside the run's files (see light.py)
             used = "ema" if self.ema else "model"
             weights = (self.ema.ema if self.ema else self.model).state_dict()
-            self.light.update(weights, used, state.epoch, best=improved)
+            milestone = self.cfg.ckpt.light_every_epochs
+            self.light.update(
+                weights, used, state.epoch, best=improved, milestone=milestone > 0 and state.epoch % milestone == 0
+            )
+        if self.pictures is not None:
+            self.pictures.validation(self._val_pictures if metrics else None, best=improved)
+        self._val_pictures = None
         self.log.on_epoch(state.history, metrics, state.global_step)
         self.progress.end_epoch(row, self.sampler.batches_per_epoch())
         self.save_if_due(epoch_end=True)
@@ -415,7 +433,10 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         model = self.ema.ema if self.ema else self.model
-        return evaluate(model, self.val_loader, self.val_ds, self.device, self.cfg.eval)
+        pictures = ValPictures(self.val_ds.names, epoch=self.state.epoch) if self.pictures is not None else None
+        metrics = evaluate(model, self.val_loader, self.val_ds, self.device, self.cfg.eval, pictures)
+        self._val_pictures = pictures
+        return metrics
 
     # -- schedules ---------------------------------------------------------------------------
     def eval_due(self, epoch: int) -> bool:

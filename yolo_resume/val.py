@@ -4,7 +4,9 @@ The checkpoint is reached and verified through `checkpoint.ref` (the same refusa
 corrupt, truncated or hostile checkpoint never reaches the model), its weights become a model as
 `ckpt export` makes them (interop), and the metrics are evaluate.py's, from one forward pass: the
 COCO figures `best` is chosen by, the ultralytics-style mAP, a per-class table and the precision and
-recall at the best-F1 confidence. The report is written as JSON to the run's `val/` folder.
+recall at the best-F1 confidence. The report is written as JSON to the run's `val/` folder, and the
+validation pictures (PR and F1 curves, normalised confusion matrix, first batch with its labels and
+with the detections; pictures.py) to a folder of the same name beside it.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def run_val(request: ValRequest) -> tuple[dict, Path]:
     """Evaluate; returns the report and the JSON file it was written to."""
     from .data.dataset import DetectionDataset, collate_fn
     from .evaluate import evaluate_detailed
+    from .pictures import ValPictures
 
     # Every argument is checked before the checkpoint is read (a large download for a remote one).
     if request.split not in SPLITS:
@@ -155,7 +158,8 @@ def run_val(request: ValRequest) -> tuple[dict, Path]:
     dataset = DetectionDataset(split, imgsz)
     loader = DataLoader(dataset, batch_size=request.batch or cfg.train.batch * 2, shuffle=False, collate_fn=collate_fn)
     started = time.perf_counter()
-    result = evaluate_detailed(model, loader, dataset, device, eval_cfg)
+    pictures = ValPictures(loaded.names)
+    result = evaluate_detailed(model, loader, dataset, device, eval_cfg, pictures)
     report = {
         "checkpoint": str(ref.where),
         "epoch": loaded.meta.get("epoch"),
@@ -169,13 +173,28 @@ def run_val(request: ValRequest) -> tuple[dict, Path]:
         "seconds": round(time.perf_counter() - started, 3),
     } | result
     folder = report_dir(ref, request.save_dir)
+    stem = f"{ref.name}-{request.split}-{loaded.weights}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{ref.name}-{request.split}-{loaded.weights}.json"
+        report["pictures"] = draw_val_pictures(pictures, folder / stem)
+        path = folder / f"{stem}.json"
         atomic_write(path, json.dumps(report, indent=2) + "\n")
     except OSError as exc:
         raise UserError(f"could not write the report to `{folder}`: {exc.strerror or exc}; pass --save-dir") from None
     return report, path
+
+
+def draw_val_pictures(pictures, folder: Path) -> list[str]:
+    """The pictures of this evaluation; one that cannot be drawn is a warning, never a failed `val` (the
+    figures are the report)."""
+    import sys
+
+    folder.mkdir(exist_ok=True)
+    try:
+        return [str(p) for p in pictures.draw(folder)]
+    except Exception as exc:  # the report is written regardless
+        print(f"warning: could not draw the validation pictures: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return []
 
 
 def inference_device(name: str | None) -> torch.device:
