@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
@@ -20,6 +21,7 @@ from ..config import AugmentConfig
 from . import augment as aug
 from .coco import coco_gt
 from .records import ImageRecord, Split, fingerprint
+from .sampler import epoch_permutation
 
 _ITEM_STREAM = 0x17E4  # spawn-key tag: item augmentation (the sampler uses another tag)
 
@@ -29,8 +31,19 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed % 2**64, spawn_key=(_ITEM_STREAM, epoch, index)))
 
 
-# Per process (each data-loader worker holds its own): small datasets stay fully decoded.
-DECODED_CACHE_BYTES = 128 << 20
+# Per process (each data-loader worker holds its own): a batch's images at 640 px take ~15 MB; small
+# datasets stay fully decoded.
+DECODED_CACHE_BYTES = 64 << 20
+# Where the three mosaic partners of an item come from. "window": uniformly from the other images of
+# its window, the aligned block of MOSAIC_WINDOW consecutive positions of the epoch's sample order
+# (sampler.epoch_permutation, the order the batches are cut from). Batches whose size is a multiple of
+# the window hold whole windows, so the worker that builds a batch decodes each of its images once
+# (~1 decode per item instead of ~4). Over an epoch each image's partners are still uniform over the
+# dataset (the order is a uniform permutation); what changes is that the tiles of one batch come from
+# its own images. "uniform": uniformly from the whole dataset (each partner a fresh decode on a split
+# larger than the cache). Either way a pure function of (seed, epoch, index).
+MOSAIC_PARTNERS = "window"
+MOSAIC_WINDOW = 16
 
 
 class DetectionDataset(Dataset):
@@ -48,6 +61,7 @@ class DetectionDataset(Dataset):
         # so the cache changes no output; it spares re-decoding the 3 mosaic partners of each item.
         self._decoded: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._decoded_bytes = 0
+        self._order: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, order, position of each index)
 
     @property
     def names(self) -> list[str]:
@@ -89,7 +103,7 @@ class DetectionDataset(Dataset):
         rec = self.records[index]
         ratio, _, _, left, top = aug.letterbox_geometry(rec.width, rec.height, self.imgsz)
         return {
-            "img": torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))),  # BGR -> RGB CHW
+            "img": torch.from_numpy(img).permute(2, 0, 1),  # RGB CHW, a view: collate_fn's stack copies it once
             "cls": torch.from_numpy(cls.astype(np.float32).reshape(-1, 1)),
             "bboxes": torch.from_numpy(_xyxy_to_normalized_xywh(boxes, self.imgsz)),
             "image_id": rec.image_id,
@@ -99,12 +113,12 @@ class DetectionDataset(Dataset):
         }
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Image resized to long side imgsz, with its boxes in the resized pixels (read-only arrays)."""
+        """BGR image resized to long side imgsz, with its boxes in the resized pixels (read-only arrays)."""
         if index in self._decoded:
             self._decoded.move_to_end(index)
             return self._decoded[index]
         rec = self.records[index]
-        img, ratio = aug.resize_long_side(aug.decode(rec), self.imgsz)
+        img, ratio = aug.load_resized(rec, self.imgsz)
         loaded = (img, rec.boxes * np.float32(ratio), rec.cls)
         for array in loaded:
             array.flags.writeable = False  # shared through the cache: an in-place edit would leak
@@ -119,22 +133,48 @@ class DetectionDataset(Dataset):
         img, boxes, cls = self._load(index)
         h, w = img.shape[:2]
         left, top = (self.imgsz - w) // 2, (self.imgsz - h) // 2
-        return aug.pad_to_square(img, self.imgsz), boxes + np.float32([left, top, left, top]), cls
+        padded = aug.pad_to_square(img, self.imgsz)
+        return cv2.cvtColor(padded, cv2.COLOR_BGR2RGB, dst=padded), boxes + np.float32([left, top, left, top]), cls
 
     def _augmented(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """RGB training image: mosaic (or the image alone), affine, flip and HSV, with its boxes."""
         cfg = self.augment
         assert cfg is not None
-        p = aug.draw_params(item_rng(self.seed, epoch, index), len(self), cfg)
+        p = aug.draw_params(item_rng(self.seed, epoch, index), cfg)
         if self.mosaic_enabled(epoch) and p.mosaic_u < cfg.mosaic:
-            tiles = [self._load(i) for i in (index, *p.partners)]
-            img, boxes, cls = aug.mosaic(tiles, self.imgsz, p.center)
+            tiles = [self._load(i) for i in (index, *self.mosaic_partners(epoch, index, p.partner_u))]
+            images = [img for img, _, _ in tiles]
+            offsets = aug.mosaic_offsets([img.shape for img in images], self.imgsz, p.center)
+            canvas = (2 * self.imgsz, 2 * self.imgsz)
+            boxes, cls = aug.mosaic_targets(tiles, offsets, canvas[0])
         else:
             img, boxes, cls = self._load(index)
-        matrix = aug.affine_matrix(img.shape[1], img.shape[0], self.imgsz, p.scale, p.translate, p.flip)
-        img = aug.hsv_jitter(aug.warp(img, matrix, self.imgsz), p.hsv)
+            images, offsets, canvas = [img], [(0, 0)], (img.shape[1], img.shape[0])
+        matrix = aug.affine_matrix(canvas[0], canvas[1], self.imgsz, p.scale, p.translate, p.flip)
+        img = aug.hsv_jitter_to_rgb(aug.compose(images, offsets, canvas, matrix, self.imgsz), p.hsv)
         moved = aug.transform_boxes(boxes, matrix, self.imgsz)
         keep = aug.keep_boxes(boxes, moved, p.scale)
         return img, moved[keep], cls[keep]
+
+    def mosaic_partners(self, epoch: int, index: int, partner_u: tuple[float, ...]) -> tuple[int, ...]:
+        """The other mosaic images of item (epoch, index), by the MOSAIC_PARTNERS rule."""
+        n = len(self)
+        if MOSAIC_PARTNERS == "uniform" or n == 1:
+            return tuple(min(int(u * n), n - 1) for u in partner_u)
+        order, position = self._epoch_order(epoch)
+        pos, size = int(position[index]), min(MOSAIC_WINDOW, n)
+        start = min(pos // size * size, n - size)  # the short tail of the order joins the window before it
+        picks = (start + min(int(u * (size - 1)), size - 2) for u in partner_u)  # a window position but pos
+        return tuple(int(order[q + (q >= pos)]) for q in picks)
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's sample order and its inverse (kept for the epoch: a worker asks for every item)."""
+        if self._order is None or self._order[0] != epoch:
+            order = epoch_permutation(len(self), self.seed, epoch)
+            position = np.empty_like(order)
+            position[order] = np.arange(len(order))
+            self._order = (epoch, order, position)
+        return self._order[1], self._order[2]
 
 
 def _xyxy_to_normalized_xywh(boxes: np.ndarray, imgsz: int) -> np.ndarray:
