@@ -135,7 +135,7 @@ def test_compose_is_paste_then_warp(tmp_path):
         offsets = aug.mosaic_offsets([t.shape for t in smooth], imgsz, (0.8, 1.3))
         size = 2 * imgsz
         matrix = aug.affine_matrix(size, size, imgsz, scale, shift, flip)
-        fused = aug.compose(smooth, offsets, (size, size), matrix, imgsz)
+        fused = aug.compose(smooth, offsets, (size, size), matrix, np.empty((imgsz, imgsz, 3), np.uint8))
         canvas = np.full((size, size, 3), aug.PAD_VALUE, np.uint8)
         ids = np.full((size, size), -1, np.int16)
         for k, (img, (x0, y0)) in enumerate(zip(smooth, offsets, strict=True)):

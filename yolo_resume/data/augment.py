@@ -5,7 +5,7 @@ functions are pure. Geometry is kept exact: boxes live in continuous pixel coord
 spans [i, i+1]) and the warp matrix is converted to OpenCV's pixel-centre convention, so a box
 and the pixels it encloses move together to within interpolation blur.
 
-Images are BGR uint8 (as OpenCV decodes them) until the last colour conversion writes RGB.
+Images are BGR uint8 (as OpenCV decodes them) until the dataset splits them into RGB planes.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def compose(
     offsets: list[tuple[int, int]],
     canvas: tuple[int, int],
     matrix: np.ndarray,
-    imgsz: int,
+    out: np.ndarray,
 ) -> np.ndarray:
     """What pasting the images at `offsets` on a (width, height) canvas of PAD_VALUE and warping the
     canvas by `matrix` into imgsz x imgsz gives (the mosaic + affine of ultralytics), in one pass: each
@@ -172,7 +172,8 @@ def compose(
     (scale, mirror, shift), so the rectangles of the images do not overlap. At an image's edge the
     interpolation repeats its border pixels instead of blending in the neighbour."""
     assert matrix[0, 1] == matrix[1, 0] == 0, "compose needs an axis-aligned matrix"
-    out = np.full((imgsz, imgsz, 3), PAD_VALUE, np.uint8)
+    imgsz = out.shape[0]
+    out.fill(PAD_VALUE)
     for img, (x0, y0) in zip(images, offsets, strict=True):
         h, w = img.shape[:2]
         cx1, cy1, cx2, cy2 = max(x0, 0), max(y0, 0), min(x0 + w, canvas[0]), min(y0 + h, canvas[1])
@@ -225,11 +226,11 @@ def keep_boxes(before: np.ndarray, after: np.ndarray, scale: float) -> np.ndarra
     return (w2 >= MIN_BOX_PX) & (h2 >= MIN_BOX_PX) & (kept_area > MIN_AREA_KEPT) & (aspect < MAX_ASPECT)
 
 
-def hsv_jitter_to_rgb(img: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
-    """The ultralytics (>= 8.3.79) HSV augmentation with the gains passed in instead of drawn, in place,
-    returning RGB: one 3-channel LUT between the two colour conversions, the last of which writes RGB."""
+def hsv_jitter(img: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
+    """The ultralytics (>= 8.3.79) HSV augmentation with the gains passed in instead of drawn, in place:
+    one 3-channel LUT between the two colour conversions."""
     if not any(gains):
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)
+        return img
     x = np.arange(256, dtype=np.float64)
     lut_hue = ((x + gains[0] * 180) % 180).astype(np.uint8)
     lut_sat = np.clip(x * (1 + gains[1]), 0, 255).astype(np.uint8)
@@ -237,4 +238,4 @@ def hsv_jitter_to_rgb(img: np.ndarray, gains: tuple[float, float, float]) -> np.
     lut_sat[0] = 0  # keep grey pixels grey
     lut = np.stack([lut_hue, lut_sat, lut_val], -1).reshape(1, 256, 3)
     hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV, dst=img)
-    return cv2.cvtColor(cv2.LUT(hsv, lut, dst=hsv), cv2.COLOR_HSV2RGB, dst=hsv)
+    return cv2.cvtColor(cv2.LUT(hsv, lut, dst=hsv), cv2.COLOR_HSV2BGR, dst=hsv)

@@ -8,6 +8,7 @@ same bytes.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -15,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from ..config import AugmentConfig
 from . import augment as aug
@@ -61,6 +62,7 @@ class DetectionDataset(Dataset):
         # so the cache changes no output; it spares re-decoding the 3 mosaic partners of each item.
         self._decoded: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._decoded_bytes = 0
+        self._out: np.ndarray | None = None  # see _scratch
         self._order: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, order, position of each index)
 
     @property
@@ -90,6 +92,15 @@ class DetectionDataset(Dataset):
         return cfg is not None and cfg.mosaic > 0 and epoch < self.epochs - cfg.close_mosaic
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        return self._item(key, torch.empty((3, self.imgsz, self.imgsz), dtype=torch.uint8))
+
+    def __getitems__(self, keys: list) -> list[dict[str, Any]]:
+        """A whole batch (the DataLoader's batched fetch): each image is written straight into its slot of
+        one batch tensor, which `collate_fn` then takes as it is instead of stacking copies."""
+        batch = _batch_tensor((len(keys), 3, self.imgsz, self.imgsz))
+        return [self._item(key, batch[i]) for i, key in enumerate(keys)]
+
+    def _item(self, key: tuple[int, int] | int, img_out: torch.Tensor) -> dict[str, Any]:
         epoch, index = (0, key) if isinstance(key, (int, np.integer)) else key
         epoch, index = int(epoch), int(index)
         if not 0 <= index < len(self):
@@ -100,10 +111,12 @@ class DetectionDataset(Dataset):
             img, boxes, cls = self._letterboxed(index)
         else:
             img, boxes, cls = self._augmented(epoch, index)
+        planes = img_out.numpy()
+        cv2.split(img, [planes[2], planes[1], planes[0]])  # BGR HWC -> RGB CHW in one pass, into img_out
         rec = self.records[index]
         ratio, _, _, left, top = aug.letterbox_geometry(rec.width, rec.height, self.imgsz)
         return {
-            "img": torch.from_numpy(img).permute(2, 0, 1),  # RGB CHW, a view: collate_fn's stack copies it once
+            "img": img_out,
             "cls": torch.from_numpy(cls.astype(np.float32).reshape(-1, 1)),
             "bboxes": torch.from_numpy(_xyxy_to_normalized_xywh(boxes, self.imgsz)),
             "image_id": rec.image_id,
@@ -133,11 +146,11 @@ class DetectionDataset(Dataset):
         img, boxes, cls = self._load(index)
         h, w = img.shape[:2]
         left, top = (self.imgsz - w) // 2, (self.imgsz - h) // 2
-        padded = aug.pad_to_square(img, self.imgsz)
-        return cv2.cvtColor(padded, cv2.COLOR_BGR2RGB, dst=padded), boxes + np.float32([left, top, left, top]), cls
+        return aug.pad_to_square(img, self.imgsz), boxes + np.float32([left, top, left, top]), cls
 
     def _augmented(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """RGB training image: mosaic (or the image alone), affine, flip and HSV, with its boxes."""
+        """BGR training image (in this process's scratch buffer, valid until the next item): mosaic (or
+        the image alone), affine, flip and HSV, with its boxes."""
         cfg = self.augment
         assert cfg is not None
         p = aug.draw_params(item_rng(self.seed, epoch, index), cfg)
@@ -151,7 +164,7 @@ class DetectionDataset(Dataset):
             img, boxes, cls = self._load(index)
             images, offsets, canvas = [img], [(0, 0)], (img.shape[1], img.shape[0])
         matrix = aug.affine_matrix(canvas[0], canvas[1], self.imgsz, p.scale, p.translate, p.flip)
-        img = aug.hsv_jitter_to_rgb(aug.compose(images, offsets, canvas, matrix, self.imgsz), p.hsv)
+        img = aug.hsv_jitter(aug.compose(images, offsets, canvas, matrix, self._scratch()), p.hsv)
         moved = aug.transform_boxes(boxes, matrix, self.imgsz)
         keep = aug.keep_boxes(boxes, moved, p.scale)
         return img, moved[keep], cls[keep]
@@ -167,6 +180,13 @@ class DetectionDataset(Dataset):
         picks = (start + min(int(u * (size - 1)), size - 2) for u in partner_u)  # a window position but pos
         return tuple(int(order[q + (q >= pos)]) for q in picks)
 
+    def _scratch(self) -> np.ndarray:
+        """One imgsz x imgsz x 3 buffer per process, reused by every item: a fresh one each time costs
+        more in page faults than the warp that fills it."""
+        if self._out is None:
+            self._out = np.empty((self.imgsz, self.imgsz, 3), np.uint8)
+        return self._out
+
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's sample order and its inverse (kept for the epoch: a worker asks for every item)."""
         if self._order is None or self._order[0] != epoch:
@@ -175,6 +195,16 @@ class DetectionDataset(Dataset):
             position[order] = np.arange(len(order))
             self._order = (epoch, order, position)
         return self._order[1], self._order[2]
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a data-loader worker, in shared memory (as torch's default_collate
+    does), so sending the batch to the main process does not copy it there first."""
+    elem = torch.empty(0, dtype=torch.uint8)
+    if get_worker_info() is None:
+        return elem.new_empty(shape)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).resize_(*shape)
 
 
 def _xyxy_to_normalized_xywh(boxes: np.ndarray, imgsz: int) -> np.ndarray:
@@ -189,7 +219,7 @@ def _xyxy_to_normalized_xywh(boxes: np.ndarray, imgsz: int) -> np.ndarray:
 def collate_fn(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images, concatenate targets with `batch_idx` (the layout v8DetectionLoss reads)."""
     return {
-        "img": torch.stack([it["img"] for it in items]),
+        "img": _stacked(items),
         "cls": torch.cat([it["cls"] for it in items]),
         "bboxes": torch.cat([it["bboxes"] for it in items]),
         "batch_idx": torch.cat(
@@ -199,3 +229,17 @@ def collate_fn(items: list[dict[str, Any]]) -> dict[str, Any]:
         "ori_shape": [it["ori_shape"] for it in items],
         "ratio_pad": [it["ratio_pad"] for it in items],
     }
+
+
+def _stacked(items: list[dict[str, Any]]) -> torch.Tensor:
+    """The batch tensor `DetectionDataset.__getitems__` wrote the images into, else a stacked copy."""
+    imgs = [it["img"] for it in items]
+    batch = imgs[0]._base
+    if (
+        batch is not None
+        and batch.is_contiguous()
+        and batch.shape == (len(imgs), *imgs[0].shape)
+        and all(img._base is batch and img.data_ptr() == batch[i].data_ptr() for i, img in enumerate(imgs))
+    ):
+        return batch
+    return torch.stack(imgs)
