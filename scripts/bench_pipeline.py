@@ -20,7 +20,8 @@ Figures, per imgsz (640 and 320):
   of items in the loader's order, and the decode calls counted by wrapping each tool's image reader.
 The machine may be shared: ratios of interleaved runs are the figures to read, not absolute rates.
 
-Usage: python scripts/bench_pipeline.py [--full] [--images N] [--repeats R] [--sizes 640,320] [--json OUT]
+Usage: python scripts/bench_pipeline.py [--full] [--images N] [--repeats R] [--sizes 640,320]
+       [--partners window,uniform] [--json OUT]
 """
 
 from __future__ import annotations
@@ -103,17 +104,21 @@ def random_labels(rng: np.random.Generator) -> str:
 
 # -- the two pipelines -----------------------------------------------------------------------------------
 class Ours:
-    name = "ours"
+    """Our dataset; `partners` picks the mosaic partner rule (dataset.MOSAIC_PARTNERS)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, partners: str = "window") -> None:
         from yolo_resume.data.yolo import load_yolo_split
 
         self.split = load_yolo_split(str(root), "", "train", NAMES)
+        self.partners = partners
+        self.name = "ours" if partners == "window" else f"ours-{partners}"
 
     def dataset(self, imgsz: int):
         from yolo_resume.config import AugmentConfig
         from yolo_resume.data import DetectionDataset
+        from yolo_resume.data import dataset as dataset_mod
 
+        dataset_mod.MOSAIC_PARTNERS = self.partners  # module state: loader workers fork after this
         return DetectionDataset(self.split, imgsz, augment=AugmentConfig(**AUGMENT), seed=0, epochs=1000)
 
     def loader(self, imgsz: int, epoch: int):
@@ -131,7 +136,12 @@ class Ours:
 
         ds = self.dataset(imgsz)
         order = epoch_permutation(len(ds), 0, epoch)[:count]
-        return lambda: [ds[(epoch, int(i))] for i in order]
+
+        def run():
+            self.dataset(imgsz)  # sets the partner rule again: another tool may have run in between
+            return [ds[(epoch, int(i))] for i in order]
+
+        return run
 
     def count_decodes(self):
         from yolo_resume.data import augment
@@ -227,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="640,320")
     ap.add_argument("--cpu-items", type=int, default=400, help="items of the one-process CPU figure")
     ap.add_argument("--dir", help="where to write the data (default a temporary folder, deleted after)")
+    ap.add_argument(
+        "--partners", default="window", help="our mosaic partner rules to run, comma-separated: window, uniform"
+    )
     ap.add_argument("--data", help="reuse (or write and keep) the generated data here: repeated runs while developing")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             write_dataset(data, count)
             print(f"wrote {count} JPEGs {WIDTH}x{HEIGHT} in {time.perf_counter() - t0:.0f} s", flush=True)
         count = len(list((data / "images" / "train").iterdir()))
-        tools = [Ours(data), Ultralytics(data)]
+        tools = [*(Ours(data, p) for p in args.partners.split(",")), Ultralytics(data)]
         results = {"images": count, "repeats": repeats, "batches": batches, "batch": BATCH, "workers": WORKERS}
         for imgsz in sizes:
             results[str(imgsz)] = measure_size(tools, imgsz, repeats, batches, args.cpu_items)
@@ -259,18 +272,24 @@ def main(argv: list[str] | None = None) -> int:
 def measure_size(tools, imgsz: int, repeats: int, batches: int, cpu_items: int) -> dict:
     rates: dict[str, list[float]] = {t.name: [] for t in tools}
     for r in range(repeats):
-        for tool in tools if r % 2 == 0 else tools[::-1]:  # ABBA: drift hits both alike
+        for tool in tools if r % 2 == 0 else tools[::-1]:  # ABBA: drift hits all alike
             rates[tool.name].append(loader_rate(tool, imgsz, epoch=r, batches=batches))
             print(f"imgsz {imgsz} run {r} {tool.name}: {rates[tool.name][-1]:.1f} items/s", flush=True)
     cpu = {t.name: cpu_per_item(t, imgsz, epoch=100, count=cpu_items) for t in tools}
     med = {name: statistics.median(v) for name, v in rates.items()}
+    ours = [t.name for t in tools if t.name != "ultralytics"]
+    base = rates["ultralytics"]
     out = {
         "items_per_s": {name: round(v, 1) for name, v in med.items()},
         "runs": {name: [round(x, 1) for x in v] for name, v in rates.items()},
-        "ratio_items_per_s": round(med["ours"] / med["ultralytics"], 3),
+        # the ratio of the medians, and the median of the ratios of runs made next to each other
+        "ratio_items_per_s": {n: round(med[n] / med["ultralytics"], 3) for n in ours},
+        "median_paired_ratio": {
+            n: round(statistics.median(a / b for a, b in zip(rates[n], base, strict=True)), 3) for n in ours
+        },
         "cpu_ms_per_item": {name: round(c[0], 2) for name, c in cpu.items()},
         "decodes_per_item": {name: round(c[1], 2) for name, c in cpu.items()},
-        "ratio_cpu_ms": round(cpu["ours"][0] / cpu["ultralytics"][0], 3),
+        "ratio_cpu_ms": {n: round(cpu[n][0] / cpu["ultralytics"][0], 3) for n in ours},
     }
     print(f"imgsz {imgsz}: {json.dumps(out)}", flush=True)
     return out

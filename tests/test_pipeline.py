@@ -125,35 +125,51 @@ def test_reduced_jpeg_decode_has_the_needed_size_and_matches_a_full_decode(split
     assert aug.decode(type(rec)(png, 501, 333, rec.boxes[:0], rec.cls[:0], 2), need=(125, 83)).shape == (333, 501, 3)
 
 
-def test_compose_is_paste_then_warp(tmp_path):
-    """The fused warp equals pasting the tiles on a canvas and warping it, away from the tile seams."""
+def to_opencv(matrix: np.ndarray) -> np.ndarray:
+    """A continuous-coordinate map (pixel i spans [i, i+1]) in OpenCV's convention (centres at integers)."""
+    shift = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
+    return (np.linalg.inv(shift) @ matrix @ shift)[:2]
+
+
+@pytest.mark.parametrize(
+    ("scale", "flip", "shift"), [(0.6, False, (0.05, -0.08)), (1.4, True, (-0.1, 0.1)), (1.0, True, (0.0, 0.0))]
+)
+def test_compose_is_paste_then_warp(scale, flip, shift):
+    """Each tile of the fused mosaic + affine is that tile pasted on the canvas and warped by the map
+    compose reports for it (away from its edges), that map is within a pixel of the nominal one, and
+    the rest of the output is padding."""
     rng = np.random.default_rng(0)
-    imgsz = 96
-    smooth = [cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 4) for h, w in
-              ((72, 96), (60, 90), (96, 70), (50, 96))]  # fmt: skip
-    for scale, flip, shift in ((0.6, False, (0.05, -0.08)), (1.4, True, (-0.1, 0.1)), (1.0, True, (0.0, 0.0))):
-        offsets = aug.mosaic_offsets([t.shape for t in smooth], imgsz, (0.8, 1.3))
-        size = 2 * imgsz
-        matrix = aug.affine_matrix(size, size, imgsz, scale, shift, flip)
-        fused = aug.compose(smooth, offsets, (size, size), matrix, np.empty((imgsz, imgsz, 3), np.uint8))
+    imgsz, size = 96, 192
+    tiles = [cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 4) for h, w in
+             ((72, 96), (60, 90), (96, 70), (50, 96))]  # fmt: skip
+    offsets = aug.mosaic_offsets([t.shape for t in tiles], imgsz, (0.8, 1.3))
+    fused = np.empty((imgsz, imgsz, 3), np.uint8)
+    maps = aug.compose(tiles, offsets, (size, size), scale, shift, flip, fused)
+    nominal = aug.affine_matrix(size, size, imgsz, scale, shift, flip)
+    kernel = np.ones((5, 5), np.uint8)
+    ids = np.full((size, size), -1, np.int16)
+    covered = 0
+    for k, (img, (x0, y0)) in enumerate(zip(tiles, offsets, strict=True)):
+        h, w = img.shape[:2]
+        cx1, cy1, cx2, cy2 = max(x0, 0), max(y0, 0), min(x0 + w, size), min(y0 + h, size)
         canvas = np.full((size, size, 3), aug.PAD_VALUE, np.uint8)
-        ids = np.full((size, size), -1, np.int16)
-        for k, (img, (x0, y0)) in enumerate(zip(smooth, offsets, strict=True)):
-            h, w = img.shape[:2]
-            cx1, cy1, cx2, cy2 = max(x0, 0), max(y0, 0), min(x0 + w, size), min(y0 + h, size)
-            canvas[cy1:cy2, cx1:cx2] = img[cy1 - y0 : cy2 - y0, cx1 - x0 : cx2 - x0]
-            ids[cy1:cy2, cx1:cx2] = k
-        cv_matrix = aug._to_opencv(matrix)[:2]
-        reference = cv2.warpAffine(canvas, cv_matrix, (imgsz, imgsz), borderValue=(aug.PAD_VALUE,) * 3)
-        # pixels whose source neighbourhood lies inside one tile (or inside the padding)
-        kernel = np.ones((5, 5), np.uint8)
-        same = np.zeros((size, size), np.uint8)
-        for k in range(-1, 4):
-            same |= cv2.erode((ids == k).astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE)
-        inside = cv2.warpAffine(same, cv_matrix, (imgsz, imgsz), flags=cv2.INTER_NEAREST).astype(bool)
-        assert inside.mean() > 0.8
-        diff = np.abs(fused.astype(int) - reference)[inside]
-        assert diff.max() <= 2, (scale, flip, diff.max())
+        canvas[cy1:cy2, cx1:cx2] = img[cy1 - y0 : cy2 - y0, cx1 - x0 : cx2 - x0]
+        ids[cy1:cy2, cx1:cx2] = k
+        reference = cv2.warpAffine(canvas, to_opencv(maps[k]), (imgsz, imgsz), borderValue=(aug.PAD_VALUE,) * 3)
+        interior = cv2.erode((ids == k).astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE)
+        inside = cv2.warpAffine(interior, to_opencv(maps[k]), (imgsz, imgsz), flags=cv2.INTER_NEAREST).astype(bool)
+        if not inside.any():
+            continue
+        assert np.abs(fused.astype(int) - reference)[inside].max() <= 2
+        covered += inside.sum()
+        ys, xs = np.nonzero(inside)
+        for corner in ((xs.min(), ys.min(), 1), (xs.max() + 1, ys.max() + 1, 1)):
+            source = np.linalg.solve(maps[k], np.array(corner, float))
+            np.testing.assert_allclose((nominal @ source)[:2], corner[:2], atol=1.0)
+    assert covered > 0.5 * imgsz**2
+    pad = cv2.erode((ids == -1).astype(np.uint8), kernel, borderType=cv2.BORDER_REPLICATE)
+    outside = cv2.warpAffine(pad, to_opencv(nominal), (imgsz, imgsz), flags=cv2.INTER_NEAREST, borderValue=1)
+    assert outside.any() and (fused[outside.astype(bool)] == aug.PAD_VALUE).all()
 
 
 def test_boxes_land_on_the_rectangles(split):

@@ -156,18 +156,18 @@ class DetectionDataset(Dataset):
         p = aug.draw_params(item_rng(self.seed, epoch, index), cfg)
         if self.mosaic_enabled(epoch) and p.mosaic_u < cfg.mosaic:
             tiles = [self._load(i) for i in (index, *self.mosaic_partners(epoch, index, p.partner_u))]
-            images = [img for img, _, _ in tiles]
-            offsets = aug.mosaic_offsets([img.shape for img in images], self.imgsz, p.center)
+            offsets = aug.mosaic_offsets([img.shape for img, _, _ in tiles], self.imgsz, p.center)
             canvas = (2 * self.imgsz, 2 * self.imgsz)
-            boxes, cls = aug.mosaic_targets(tiles, offsets, canvas[0])
         else:
-            img, boxes, cls = self._load(index)
-            images, offsets, canvas = [img], [(0, 0)], (img.shape[1], img.shape[0])
-        matrix = aug.affine_matrix(canvas[0], canvas[1], self.imgsz, p.scale, p.translate, p.flip)
-        img = aug.hsv_jitter(aug.compose(images, offsets, canvas, matrix, self._scratch()), p.hsv)
-        moved = aug.transform_boxes(boxes, matrix, self.imgsz)
+            tiles = [self._load(index)]
+            offsets, canvas = [(0, 0)], (tiles[0][0].shape[1], tiles[0][0].shape[0])
+        out = self._scratch()
+        maps = aug.compose([t[0] for t in tiles], offsets, canvas, p.scale, p.translate, p.flip, out)
+        before = [aug.place_boxes(b, off, canvas) for (_, b, _), off in zip(tiles, offsets, strict=True)]
+        moved = np.concatenate([aug.transform_boxes(b, m, self.imgsz) for b, m in zip(before, maps, strict=True)])
+        boxes, cls = np.concatenate(before), np.concatenate([c for _, _, c in tiles])
         keep = aug.keep_boxes(boxes, moved, p.scale)
-        return img, moved[keep], cls[keep]
+        return aug.hsv_jitter(out, p.hsv), moved[keep], cls[keep]
 
     def mosaic_partners(self, epoch: int, index: int, partner_u: tuple[float, ...]) -> tuple[int, ...]:
         """The other mosaic images of item (epoch, index), by the MOSAIC_PARTNERS rule."""
