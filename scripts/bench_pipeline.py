@@ -16,6 +16,8 @@ Figures, per imgsz (640 and 320):
   builds a fresh loader (fresh workers, empty caches) on another epoch, skips the first WARMUP batches
   (worker start-up) and times the next ones. Runs alternate ours / ultralytics / ultralytics / ours ...
   (interleaved); the figure is the median over repeats, and the ratio ours / ultralytics;
+- CPU ms per item of the two loader workers during the timed batches (from /proc): the figure least
+  moved by other work on the machine;
 - CPU ms per item and JPEG decodes per item in one process (no workers): process CPU time over a run
   of items in the loader's order, and the decode calls counted by wrapping each tool's image reader.
 The machine may be shared: ratios of interleaved runs are the figures to read, not absolute rates.
@@ -199,17 +201,27 @@ def wrap_counter(module, attr: str):
 
 
 # -- measurements ----------------------------------------------------------------------------------------
-def loader_rate(tool, imgsz: int, epoch: int, batches: int) -> float:
-    """Items/s over `batches` batches after WARMUP, through a fresh 2-worker loader."""
+def loader_rate(tool, imgsz: int, epoch: int, batches: int) -> tuple[float, float]:
+    """(items/s, CPU ms per item of the 2 workers) over `batches` batches after WARMUP, through a fresh
+    2-worker loader. The worker CPU time is the figure least moved by other work on the machine."""
     it = iter(tool.loader(imgsz, epoch))
     for _ in range(WARMUP):
         next(it)
+    pids = [w.pid for w in it._workers]  # torch's multiprocessing iterator keeps its worker processes here
+    cpu0 = sum(process_cpu_s(p) for p in pids)
     start, items = time.perf_counter(), 0
     for _ in range(batches):
         items += len(next(it)["img"])
     rate = items / (time.perf_counter() - start)
+    cpu_ms = 1000 * (sum(process_cpu_s(p) for p in pids) - cpu0) / items
     del it  # shuts the workers down
-    return rate
+    return rate, cpu_ms
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_per_item(tool, imgsz: int, epoch: int, count: int) -> tuple[float, float]:
@@ -271,12 +283,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure_size(tools, imgsz: int, repeats: int, batches: int, cpu_items: int) -> dict:
     rates: dict[str, list[float]] = {t.name: [] for t in tools}
+    worker_ms: dict[str, list[float]] = {t.name: [] for t in tools}
     for r in range(repeats):
         for tool in tools if r % 2 == 0 else tools[::-1]:  # ABBA: drift hits all alike
-            rates[tool.name].append(loader_rate(tool, imgsz, epoch=r, batches=batches))
-            print(f"imgsz {imgsz} run {r} {tool.name}: {rates[tool.name][-1]:.1f} items/s", flush=True)
+            rate, cpu_ms = loader_rate(tool, imgsz, epoch=r, batches=batches)
+            rates[tool.name].append(rate)
+            worker_ms[tool.name].append(cpu_ms)
+            print(
+                f"imgsz {imgsz} run {r} {tool.name}: {rate:.1f} items/s, workers {cpu_ms:.2f} CPU ms/item", flush=True
+            )
     cpu = {t.name: cpu_per_item(t, imgsz, epoch=100, count=cpu_items) for t in tools}
     med = {name: statistics.median(v) for name, v in rates.items()}
+    med_ms = {name: statistics.median(v) for name, v in worker_ms.items()}
     ours = [t.name for t in tools if t.name != "ultralytics"]
     base = rates["ultralytics"]
     out = {
@@ -287,6 +305,8 @@ def measure_size(tools, imgsz: int, repeats: int, batches: int, cpu_items: int) 
         "median_paired_ratio": {
             n: round(statistics.median(a / b for a, b in zip(rates[n], base, strict=True)), 3) for n in ours
         },
+        "loader_worker_cpu_ms_per_item": {name: round(v, 2) for name, v in med_ms.items()},
+        "ratio_loader_worker_cpu_ms": {n: round(med_ms[n] / med_ms["ultralytics"], 3) for n in ours},
         "cpu_ms_per_item": {name: round(c[0], 2) for name, c in cpu.items()},
         "decodes_per_item": {name: round(c[1], 2) for name, c in cpu.items()},
         "ratio_cpu_ms": {n: round(cpu[n][0] / cpu["ultralytics"][0], 3) for n in ours},
