@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -117,12 +118,12 @@ def test_reduced_jpeg_decode_has_the_needed_size_and_matches_a_full_decode(split
     # odd sizes: libjpeg rounds the reduced size up; a PNG is never decoded reduced
     odd = tmp_path / "odd.jpg"
     cv2.imwrite(str(odd), np.full((333, 501, 3), 90, np.uint8))
-    rec_odd = type(rec)(odd, 501, 333, rec.boxes[:0], rec.cls[:0], 1)
+    rec_odd = SimpleNamespace(path=odd, width=501, height=333)  # all decoding reads of a record
     assert aug.decode(rec_odd, need=(125, 83)).shape == (84, 126, 3)  # 1/4 of 501x333, rounded up
     assert aug.load_resized(rec_odd, 125)[0].shape == (83, 125, 3)
     png = tmp_path / "odd.png"
     cv2.imwrite(str(png), np.full((333, 501, 3), 90, np.uint8))
-    assert aug.decode(type(rec)(png, 501, 333, rec.boxes[:0], rec.cls[:0], 2), need=(125, 83)).shape == (333, 501, 3)
+    assert aug.decode(SimpleNamespace(path=png, width=501, height=333), need=(125, 83)).shape == (333, 501, 3)
 
 
 def to_opencv(matrix: np.ndarray) -> np.ndarray:
@@ -198,3 +199,27 @@ def test_val_items_are_rgb_letterboxes(split):
     rec = split.records[0]
     bgr = aug.pad_to_square(aug.load_resized(rec, IMGSZ)[0], IMGSZ)
     assert torch.equal(item["img"], torch.from_numpy(bgr[:, :, ::-1].copy()).permute(2, 0, 1))
+
+
+def test_a_fetched_batch_is_collated_without_a_copy(split):
+    ds = dataset(split)
+    keys = [(0, i) for i in range(8)]
+    items = ds.__getitems__(keys)
+    batch = collate_fn(items)["img"]
+    assert batch.data_ptr() == items[0]["img"].data_ptr() and batch.shape == (8, 3, IMGSZ, IMGSZ)
+    assert torch.equal(batch, torch.stack([dataset(split)[k]["img"] for k in keys]))
+    assert collate_fn(items[2:5])["img"].data_ptr() != items[2]["img"].data_ptr()  # a part: stacked
+
+
+def test_uniform_partners_are_still_a_pure_function(split, monkeypatch):
+    monkeypatch.setattr(dataset_mod, "MOSAIC_PARTNERS", "uniform")
+    ds = dataset(split)
+    order = epoch_permutation(COUNT, 3, 0).tolist()
+    far = 0
+    for index in range(COUNT):
+        partners = ds.mosaic_partners(0, index, (0.05, 0.5, 0.95))
+        assert partners == tuple(min(int(u * COUNT), COUNT - 1) for u in (0.05, 0.5, 0.95))
+        window = order.index(index) // dataset_mod.MOSAIC_WINDOW
+        far += any(order.index(p) // dataset_mod.MOSAIC_WINDOW != window for p in partners)
+    assert far > 0
+    assert same_item(ds[(1, 3)], dataset(split)[(1, 3)])
