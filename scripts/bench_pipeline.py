@@ -20,10 +20,13 @@ Figures, per imgsz (640 and 320):
   moved by other work on the machine;
 - CPU ms per item and JPEG decodes per item in one process (no workers): process CPU time over a run
   of items in the loader's order, and the decode calls counted by wrapping each tool's image reader.
+Our variants (--variants): `ours` (the defaults: windowed mosaic partners, simplejpeg decoding when it
+is installed), `ours-opencv` (OpenCV's JPEG decoder), `ours-uniform` (partners drawn from the whole split,
+the rule before issue 13).
 The machine may be shared: ratios of interleaved runs are the figures to read, not absolute rates.
 
 Usage: python scripts/bench_pipeline.py [--full] [--images N] [--repeats R] [--sizes 640,320]
-       [--partners window,uniform] [--json OUT]
+       [--variants ours,ours-opencv,ours-uniform] [--data DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -105,22 +108,32 @@ def random_labels(rng: np.random.Generator) -> str:
 
 
 # -- the two pipelines -----------------------------------------------------------------------------------
-class Ours:
-    """Our dataset; `partners` picks the mosaic partner rule (dataset.MOSAIC_PARTNERS)."""
+VARIANTS = {  # name: (mosaic partner rule, JPEG decoder)
+    "ours": ("window", "default"),  # the defaults: simplejpeg when installed, else OpenCV
+    "ours-opencv": ("window", "opencv"),
+    "ours-uniform": ("uniform", "default"),
+}
 
-    def __init__(self, root: Path, partners: str = "window") -> None:
+
+class Ours:
+    """Our dataset in one of VARIANTS (module settings of dataset.py / augment.py, set before each use)."""
+
+    def __init__(self, root: Path, name: str = "ours") -> None:
+        from yolo_resume.data import augment
         from yolo_resume.data.yolo import load_yolo_split
 
         self.split = load_yolo_split(str(root), "", "train", NAMES)
-        self.partners = partners
-        self.name = "ours" if partners == "window" else f"ours-{partners}"
+        self.name = name
+        self.partners, decoder = VARIANTS[name]
+        self.simplejpeg = augment.simplejpeg if decoder == "default" else None
 
     def dataset(self, imgsz: int):
         from yolo_resume.config import AugmentConfig
-        from yolo_resume.data import DetectionDataset
+        from yolo_resume.data import DetectionDataset, augment
         from yolo_resume.data import dataset as dataset_mod
 
         dataset_mod.MOSAIC_PARTNERS = self.partners  # module state: loader workers fork after this
+        augment.simplejpeg = self.simplejpeg
         return DetectionDataset(self.split, imgsz, augment=AugmentConfig(**AUGMENT), seed=0, epochs=1000)
 
     def loader(self, imgsz: int, epoch: int):
@@ -250,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-items", type=int, default=400, help="items of the one-process CPU figure")
     ap.add_argument("--dir", help="where to write the data (default a temporary folder, deleted after)")
     ap.add_argument(
-        "--partners", default="window", help="our mosaic partner rules to run, comma-separated: window, uniform"
+        "--variants", default="ours", help=f"our variants to run, comma-separated, of: {', '.join(VARIANTS)}"
     )
     ap.add_argument("--data", help="reuse (or write and keep) the generated data here: repeated runs while developing")
     ap.add_argument("--json", help="write the results here")
@@ -269,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             write_dataset(data, count)
             print(f"wrote {count} JPEGs {WIDTH}x{HEIGHT} in {time.perf_counter() - t0:.0f} s", flush=True)
         count = len(list((data / "images" / "train").iterdir()))
-        tools = [*(Ours(data, p) for p in args.partners.split(",")), Ultralytics(data)]
+        tools = [*(Ours(data, v) for v in args.variants.split(",")), Ultralytics(data)]
         results = {"images": count, "repeats": repeats, "batches": batches, "batch": BATCH, "workers": WORKERS}
         for imgsz in sizes:
             results[str(imgsz)] = measure_size(tools, imgsz, repeats, batches, args.cpu_items)
