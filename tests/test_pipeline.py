@@ -223,24 +223,3 @@ def test_uniform_partners_are_still_a_pure_function(split, monkeypatch):
         far += any(order.index(p) // dataset_mod.MOSAIC_WINDOW != window for p in partners)
     assert far > 0
     assert same_item(ds[(1, 3)], dataset(split)[(1, 3)])
-
-
-@pytest.mark.parametrize("orientation", [None, 1, 3, 6])
-def test_jpeg_decode_applies_exif_rotation_as_opencv_does(tmp_path, orientation):
-    """Whichever decoder runs (simplejpeg when installed, else OpenCV), the pixels are OpenCV's,
-    EXIF rotation included."""
-    from PIL import Image
-
-    rgb = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8), (0, 0), 2)
-    path = tmp_path / "exif.jpg"
-    exif = Image.Exif()
-    if orientation is not None:
-        exif[0x0112] = orientation
-    Image.fromarray(rgb).save(path, quality=90, exif=exif.tobytes())
-    buf = np.fromfile(path, np.uint8)
-    expected = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    assert aug.exif_orientation(buf) == (orientation or 1)
-    h, w = expected.shape[:2]
-    assert np.array_equal(aug.decode(SimpleNamespace(path=path, width=w, height=h)), expected)
-    half = aug.decode(SimpleNamespace(path=path, width=w, height=h), need=(w // 2, h // 2))
-    assert np.array_equal(half, cv2.imdecode(buf, cv2.IMREAD_REDUCED_COLOR_2))

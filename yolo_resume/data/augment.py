@@ -20,11 +20,6 @@ from ..config import AugmentConfig
 from ..errors import DataError
 from .records import ImageRecord
 
-try:  # optional: a faster JPEG decoder with the same pixels; OpenCV decodes when it is absent
-    import simplejpeg
-except ImportError:  # pragma: no cover - depends on the environment
-    simplejpeg = None
-
 cv2.setNumThreads(0)  # DataLoader workers already use every core; OpenCV threads would oversubscribe them
 PAD_VALUE = 114
 MIN_BOX_PX = 2.0  # boxes narrower or lower than this after augmentation are dropped
@@ -84,9 +79,7 @@ def decode(rec: ImageRecord, need: tuple[int, int] | None = None) -> np.ndarray:
         raise DataError(f"image `{rec.path}` cannot be read; check that it still exists") from None
     factor, flag = reduction(buf, rec.width, rec.height, *need) if need else (1, cv2.IMREAD_COLOR)
     shape = (-(-rec.height // factor), -(-rec.width // factor))
-    img = _decode_simplejpeg(buf, factor, shape)
-    if img is None:
-        img = cv2.imdecode(buf, flag)
+    img = cv2.imdecode(buf, flag)
     if img is not None and img.shape[:2] != shape:
         # Annotations made on the raw pixels of an EXIF-rotated JPEG: read it unrotated.
         img = cv2.imdecode(buf, flag | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -100,53 +93,6 @@ def decode(rec: ImageRecord, need: tuple[int, int] | None = None) -> np.ndarray:
             f"{rec.width}x{rec.height}; fix the annotation"
         )
     return img
-
-
-def _decode_simplejpeg(buf: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray | None:
-    """The JPEG decoded by simplejpeg (libjpeg-turbo with its SIMD paths: ~1.9x faster than OpenCV's
-    decoder here, bitwise the same pixels at full, 1/2 and 1/4 size) when it is a plain YCbCr JPEG of the
-    expected size without an EXIF rotation; None (OpenCV decodes it, rotation rules and errors included)
-    otherwise, or when simplejpeg is not installed."""
-    if simplejpeg is None or buf[:3].tobytes() != _JPEG_MAGIC:
-        return None
-    try:
-        if simplejpeg.decode_jpeg_header(buf)[2] != "YCbCr" or exif_orientation(buf) != 1:
-            return None
-        img = simplejpeg.decode_jpeg(buf, "BGR", min_factor=factor, min_height=shape[0], min_width=shape[1])
-    except ValueError:  # anything simplejpeg finds wrong: OpenCV's decoder decides (and names the error)
-        return None
-    return img if img.shape[:2] == shape else None
-
-
-_EXIF = b"Exif\x00\x00"
-
-
-def exif_orientation(buf: np.ndarray) -> int | None:
-    """The EXIF orientation of a JPEG (1: stored upright), 1 without EXIF, None when an EXIF block is
-    there but could not be read (the caller then lets OpenCV apply it)."""
-    head = buf[: 1 << 17].tobytes()  # the APP segments come first; one is at most 64 KiB
-    i = 2
-    while i + 4 <= len(head) and head[i] == 0xFF and head[i + 1] not in (0xDA, 0xD9):  # up to start of scan
-        length = int.from_bytes(head[i + 2 : i + 4], "big")
-        if head[i + 1] == 0xE1 and head[i + 4 : i + 10] == _EXIF:
-            return _tiff_orientation(head[i + 10 : i + 2 + length])
-        i += 2 + length
-    return None if _EXIF in head else 1
-
-
-def _tiff_orientation(tiff: bytes) -> int | None:
-    """Tag 0x0112 of IFD0 of an EXIF TIFF block; 1 when absent, None when the block is malformed."""
-    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
-    if order is None or len(tiff) < 8:
-        return None
-    ifd = int.from_bytes(tiff[4:8], order)
-    count = int.from_bytes(tiff[ifd : ifd + 2], order)
-    if ifd + 2 + 12 * count > len(tiff):
-        return None
-    for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
-        if int.from_bytes(tiff[entry : entry + 2], order) == 0x0112:
-            return int.from_bytes(tiff[entry + 8 : entry + 10], order)
-    return 1
 
 
 def letterbox_geometry(width: int, height: int, imgsz: int) -> tuple[float, int, int, int, int]:
