@@ -20,13 +20,12 @@ Figures, per imgsz (640 and 320):
   moved by other work on the machine;
 - CPU ms per item and JPEG decodes per item in one process (no workers): process CPU time over a run
   of items in the loader's order, and the decode calls counted by wrapping each tool's image reader.
-Our variants (--variants): `ours` (the defaults: windowed mosaic partners, simplejpeg decoding when it
-is installed), `ours-opencv` (OpenCV's JPEG decoder), `ours-uniform` (partners drawn from the whole split,
-the rule before issue 13).
+Our variants (--variants): `ours` (the default: windowed mosaic partners), `ours-uniform` (partners
+drawn from the whole split, the rule before issue 13).
 The machine may be shared: ratios of interleaved runs are the figures to read, not absolute rates.
 
 Usage: python scripts/bench_pipeline.py [--full] [--images N] [--repeats R] [--sizes 640,320]
-       [--variants ours,ours-opencv,ours-uniform] [--data DIR] [--json OUT]
+       [--variants ours,ours-uniform] [--data DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -108,32 +107,25 @@ def random_labels(rng: np.random.Generator) -> str:
 
 
 # -- the two pipelines -----------------------------------------------------------------------------------
-VARIANTS = {  # name: (mosaic partner rule, JPEG decoder)
-    "ours": ("window", "default"),  # the defaults: simplejpeg when installed, else OpenCV
-    "ours-opencv": ("window", "opencv"),
-    "ours-uniform": ("uniform", "default"),
-}
+VARIANTS = {"ours": "window", "ours-uniform": "uniform"}  # name: mosaic partner rule
 
 
 class Ours:
-    """Our dataset in one of VARIANTS (module settings of dataset.py / augment.py, set before each use)."""
+    """Our dataset in one of VARIANTS (a module setting of dataset.py, set before each use)."""
 
     def __init__(self, root: Path, name: str = "ours") -> None:
-        from yolo_resume.data import augment
         from yolo_resume.data.yolo import load_yolo_split
 
         self.split = load_yolo_split(str(root), "", "train", NAMES)
         self.name = name
-        self.partners, decoder = VARIANTS[name]
-        self.simplejpeg = augment.simplejpeg if decoder == "default" else None
+        self.partners = VARIANTS[name]
 
     def dataset(self, imgsz: int):
         from yolo_resume.config import AugmentConfig
-        from yolo_resume.data import DetectionDataset, augment
+        from yolo_resume.data import DetectionDataset
         from yolo_resume.data import dataset as dataset_mod
 
         dataset_mod.MOSAIC_PARTNERS = self.partners  # module state: loader workers fork after this
-        augment.simplejpeg = self.simplejpeg
         return DetectionDataset(self.split, imgsz, augment=AugmentConfig(**AUGMENT), seed=0, epochs=1000)
 
     def loader(self, imgsz: int, epoch: int):
