@@ -223,3 +223,22 @@ def test_uniform_partners_are_still_a_pure_function(split, monkeypatch):
         far += any(order.index(p) // dataset_mod.MOSAIC_WINDOW != window for p in partners)
     assert far > 0
     assert same_item(ds[(1, 3)], dataset(split)[(1, 3)])
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6])
+def test_reduced_decode_applies_exif_rotation_as_a_full_decode_does(tmp_path, orientation):
+    from PIL import Image
+
+    rgb = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8), (0, 0), 2)
+    path = tmp_path / "exif.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(path, quality=90, exif=exif.tobytes())
+    full = cv2.imread(str(path))  # OpenCV applies the rotation: 6 turns the 64x48 image into 48x64
+    h, w = full.shape[:2]
+    assert (w, h) == ((48, 64) if orientation == 6 else (64, 48))
+    rec = SimpleNamespace(path=path, width=w, height=h)
+    assert np.array_equal(aug.decode(rec), full)
+    half = aug.decode(rec, need=(w // 2, h // 2))
+    assert half.shape == (h // 2, w // 2, 3)
+    assert np.array_equal(half, cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_2))
