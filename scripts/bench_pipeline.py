@@ -4,7 +4,8 @@ Data: N JPEGs of 640x480 (quality 90) cut from the two photos ultralytics ships 
 random crops, mirrored, colour-jittered and noised, so every file is different and decodes like a
 photo; 2-8 boxes each, in the YOLO layout (images/train, labels/train) that both tools read. N is
 large enough that no decoded-image cache can hold the split (quick: 5,000 images, ~4.5 GB decoded at
-640; --full: 30,000 as in issue 13). The data is written to a temporary folder and deleted after.
+640; --full: 30,000 as in issue 13). The data is written to a temporary folder and deleted after
+(with --data DIR: written there once and kept, for repeated runs; delete it yourself).
 
 Augmentation (both): mosaic 1.0 (never closed), scale 0.5, translate 0.1, fliplr 0.5, hsv 0.015/0.7/0.4,
 nothing else (no rotation, shear, perspective, flipud, mixup, cutmix, copy-paste; albumentations is
