@@ -8,18 +8,21 @@ same bytes.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from ..config import AugmentConfig
 from . import augment as aug
 from .coco import coco_gt
 from .records import ImageRecord, Split, fingerprint
+from .sampler import epoch_permutation
 
 _ITEM_STREAM = 0x17E4  # spawn-key tag: item augmentation (the sampler uses another tag)
 
@@ -29,8 +32,19 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed % 2**64, spawn_key=(_ITEM_STREAM, epoch, index)))
 
 
-# Per process (each data-loader worker holds its own): small datasets stay fully decoded.
-DECODED_CACHE_BYTES = 128 << 20
+# Per process (each data-loader worker holds its own): a batch's images at 640 px take ~15 MB; small
+# datasets stay fully decoded.
+DECODED_CACHE_BYTES = 64 << 20
+# Where the three mosaic partners of an item come from. "window": uniformly from the other images of
+# its window, the aligned block of MOSAIC_WINDOW consecutive positions of the epoch's sample order
+# (sampler.epoch_permutation, the order the batches are cut from). Batches whose size is a multiple of
+# the window hold whole windows, so the worker that builds a batch decodes each of its images once
+# (~1 decode per item instead of ~4). Over an epoch each image's partners are still uniform over the
+# dataset (the order is a uniform permutation); what changes is that the tiles of one batch come from
+# its own images. "uniform": uniformly from the whole dataset (each partner a fresh decode on a split
+# larger than the cache). Either way a pure function of (seed, epoch, index).
+MOSAIC_PARTNERS = "window"
+MOSAIC_WINDOW = 16
 
 
 class DetectionDataset(Dataset):
@@ -48,6 +62,8 @@ class DetectionDataset(Dataset):
         # so the cache changes no output; it spares re-decoding the 3 mosaic partners of each item.
         self._decoded: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._decoded_bytes = 0
+        self._out: np.ndarray | None = None  # see _scratch
+        self._order: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, order, position of each index)
 
     @property
     def names(self) -> list[str]:
@@ -76,6 +92,15 @@ class DetectionDataset(Dataset):
         return cfg is not None and cfg.mosaic > 0 and epoch < self.epochs - cfg.close_mosaic
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        return self._item(key, torch.empty((3, self.imgsz, self.imgsz), dtype=torch.uint8))
+
+    def __getitems__(self, keys: list) -> list[dict[str, Any]]:
+        """A whole batch (the DataLoader's batched fetch): each image is written straight into its slot of
+        one batch tensor, which `collate_fn` then takes as it is instead of stacking copies."""
+        batch = _batch_tensor((len(keys), 3, self.imgsz, self.imgsz))
+        return [self._item(key, batch[i]) for i, key in enumerate(keys)]
+
+    def _item(self, key: tuple[int, int] | int, img_out: torch.Tensor) -> dict[str, Any]:
         epoch, index = (0, key) if isinstance(key, (int, np.integer)) else key
         epoch, index = int(epoch), int(index)
         if not 0 <= index < len(self):
@@ -86,10 +111,12 @@ class DetectionDataset(Dataset):
             img, boxes, cls = self._letterboxed(index)
         else:
             img, boxes, cls = self._augmented(epoch, index)
+        planes = img_out.numpy()
+        cv2.split(img, [planes[2], planes[1], planes[0]])  # BGR HWC -> RGB CHW in one pass, into img_out
         rec = self.records[index]
         ratio, _, _, left, top = aug.letterbox_geometry(rec.width, rec.height, self.imgsz)
         return {
-            "img": torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))),  # BGR -> RGB CHW
+            "img": img_out,
             "cls": torch.from_numpy(cls.astype(np.float32).reshape(-1, 1)),
             "bboxes": torch.from_numpy(_xyxy_to_normalized_xywh(boxes, self.imgsz)),
             "image_id": rec.image_id,
@@ -99,12 +126,12 @@ class DetectionDataset(Dataset):
         }
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Image resized to long side imgsz, with its boxes in the resized pixels (read-only arrays)."""
+        """BGR image resized to long side imgsz, with its boxes in the resized pixels (read-only arrays)."""
         if index in self._decoded:
             self._decoded.move_to_end(index)
             return self._decoded[index]
         rec = self.records[index]
-        img, ratio = aug.resize_long_side(aug.decode(rec), self.imgsz)
+        img, ratio = aug.load_resized(rec, self.imgsz)
         loaded = (img, rec.boxes * np.float32(ratio), rec.cls)
         for array in loaded:
             array.flags.writeable = False  # shared through the cache: an in-place edit would leak
@@ -122,19 +149,62 @@ class DetectionDataset(Dataset):
         return aug.pad_to_square(img, self.imgsz), boxes + np.float32([left, top, left, top]), cls
 
     def _augmented(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """BGR training image (in this process's scratch buffer, valid until the next item): mosaic (or
+        the image alone), affine, flip and HSV, with its boxes."""
         cfg = self.augment
         assert cfg is not None
-        p = aug.draw_params(item_rng(self.seed, epoch, index), len(self), cfg)
+        p = aug.draw_params(item_rng(self.seed, epoch, index), cfg)
         if self.mosaic_enabled(epoch) and p.mosaic_u < cfg.mosaic:
-            tiles = [self._load(i) for i in (index, *p.partners)]
-            img, boxes, cls = aug.mosaic(tiles, self.imgsz, p.center)
+            tiles = [self._load(i) for i in (index, *self.mosaic_partners(epoch, index, p.partner_u))]
+            offsets = aug.mosaic_offsets([img.shape for img, _, _ in tiles], self.imgsz, p.center)
+            canvas = (2 * self.imgsz, 2 * self.imgsz)
         else:
-            img, boxes, cls = self._load(index)
-        matrix = aug.affine_matrix(img.shape[1], img.shape[0], self.imgsz, p.scale, p.translate, p.flip)
-        img = aug.hsv_jitter(aug.warp(img, matrix, self.imgsz), p.hsv)
-        moved = aug.transform_boxes(boxes, matrix, self.imgsz)
+            tiles = [self._load(index)]
+            offsets, canvas = [(0, 0)], (tiles[0][0].shape[1], tiles[0][0].shape[0])
+        out = self._scratch()
+        maps = aug.compose([t[0] for t in tiles], offsets, canvas, p.scale, p.translate, p.flip, out)
+        before = [aug.place_boxes(b, off, canvas) for (_, b, _), off in zip(tiles, offsets, strict=True)]
+        moved = np.concatenate([aug.transform_boxes(b, m, self.imgsz) for b, m in zip(before, maps, strict=True)])
+        boxes, cls = np.concatenate(before), np.concatenate([c for _, _, c in tiles])
         keep = aug.keep_boxes(boxes, moved, p.scale)
-        return img, moved[keep], cls[keep]
+        return aug.hsv_jitter(out, p.hsv), moved[keep], cls[keep]
+
+    def mosaic_partners(self, epoch: int, index: int, partner_u: tuple[float, ...]) -> tuple[int, ...]:
+        """The other mosaic images of item (epoch, index), by the MOSAIC_PARTNERS rule."""
+        n = len(self)
+        if MOSAIC_PARTNERS == "uniform" or n == 1:
+            return tuple(min(int(u * n), n - 1) for u in partner_u)
+        order, position = self._epoch_order(epoch)
+        pos, size = int(position[index]), min(MOSAIC_WINDOW, n)
+        start = min(pos // size * size, n - size)  # the short tail of the order joins the window before it
+        picks = (start + min(int(u * (size - 1)), size - 2) for u in partner_u)  # a window position but pos
+        return tuple(int(order[q + (q >= pos)]) for q in picks)
+
+    def _scratch(self) -> np.ndarray:
+        """One imgsz x imgsz x 3 buffer per process, reused by every item: a fresh one each time costs
+        more in page faults than the warp that fills it."""
+        if self._out is None:
+            self._out = np.empty((self.imgsz, self.imgsz, 3), np.uint8)
+        return self._out
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's sample order and its inverse (kept for the epoch: a worker asks for every item)."""
+        if self._order is None or self._order[0] != epoch:
+            order = epoch_permutation(len(self), self.seed, epoch)
+            position = np.empty_like(order)
+            position[order] = np.arange(len(order))
+            self._order = (epoch, order, position)
+        return self._order[1], self._order[2]
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a data-loader worker, in shared memory (as torch's default_collate
+    does), so sending the batch to the main process does not copy it there first."""
+    elem = torch.empty(0, dtype=torch.uint8)
+    if get_worker_info() is None:
+        return elem.new_empty(shape)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).resize_(*shape)
 
 
 def _xyxy_to_normalized_xywh(boxes: np.ndarray, imgsz: int) -> np.ndarray:
@@ -149,7 +219,7 @@ def _xyxy_to_normalized_xywh(boxes: np.ndarray, imgsz: int) -> np.ndarray:
 def collate_fn(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images, concatenate targets with `batch_idx` (the layout v8DetectionLoss reads)."""
     return {
-        "img": torch.stack([it["img"] for it in items]),
+        "img": _stacked(items),
         "cls": torch.cat([it["cls"] for it in items]),
         "bboxes": torch.cat([it["bboxes"] for it in items]),
         "batch_idx": torch.cat(
@@ -159,3 +229,17 @@ def collate_fn(items: list[dict[str, Any]]) -> dict[str, Any]:
         "ori_shape": [it["ori_shape"] for it in items],
         "ratio_pad": [it["ratio_pad"] for it in items],
     }
+
+
+def _stacked(items: list[dict[str, Any]]) -> torch.Tensor:
+    """The batch tensor `DetectionDataset.__getitems__` wrote the images into, else a stacked copy."""
+    imgs = [it["img"] for it in items]
+    batch = imgs[0]._base
+    if (
+        batch is not None
+        and batch.is_contiguous()
+        and batch.shape == (len(imgs), *imgs[0].shape)
+        and all(img._base is batch and img.data_ptr() == batch[i].data_ptr() for i, img in enumerate(imgs))
+    ):
+        return batch
+    return torch.stack(imgs)

@@ -19,10 +19,13 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields batches of `(epoch, index)` keys for `DetectionDataset`, starting at `start_batch`.
 
-    With `world_size` > 1 the order is padded by wrapping around to a multiple of world_size and rank r
-    takes every world_size-th sample from position r. Batch b of every rank then comes from the same
-    `batch_size * world_size` slice of the order, so global batch b holds the same samples whatever the
-    world size, and every rank gets the same number of batches.
+    With `world_size` > 1 the order is padded by wrapping around to a multiple of world_size and cut
+    into global batches of `batch_size * world_size` consecutive samples; rank r takes the r-th
+    `batch_size` of each (the last, shorter global batch is split into equal parts alike). Global batch
+    b then holds the same samples whatever the world size, every rank gets the same number of batches,
+    and each rank's batch is a contiguous piece of the order: the mosaic partner windows of
+    `DetectionDataset` (blocks of that order) stay inside one rank's batch when batch_size is a
+    multiple of the window.
     """
 
     def __init__(
@@ -68,8 +71,13 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     def indices(self, epoch: int) -> np.ndarray:
         """This rank's sample order for `epoch` (all batches, including skipped ones)."""
         order = epoch_permutation(self.num_samples, self.seed, epoch) if self.shuffle else np.arange(self.num_samples)
-        order = np.resize(order, self.per_rank() * self.world_size)  # np.resize pads by wrapping around
-        return order[self.rank :: self.world_size]
+        per_rank, bs, ws = self.per_rank(), self.batch_size, self.world_size
+        order = np.resize(order, per_rank * ws)  # np.resize pads by wrapping around
+        full = per_rank // bs  # global batches of bs * ws samples; then one of ws * tail
+        tail = per_rank - full * bs
+        head = order[: full * bs * ws].reshape(full, ws, bs)[:, self.rank].reshape(-1)
+        rest = order[full * bs * ws :]
+        return np.concatenate([head, rest[self.rank * tail : (self.rank + 1) * tail]])
 
     def __len__(self) -> int:
         return self.batches_per_epoch() - self.start_batch
