@@ -21,12 +21,13 @@ Figures, per imgsz (640 and 320):
   moved by other work on the machine;
 - CPU ms per item and JPEG decodes per item in one process (no workers): process CPU time over a run
   of items in the loader's order, and the decode calls counted by wrapping each tool's image reader.
-Our variants (--variants): `ours` (the default: windowed mosaic partners), `ours-uniform` (partners
-drawn from the whole split, the rule before issue 13).
+Our variants (--variants): `ours` (the default, `augment.mosaic_window: 0`: mosaic partners drawn from
+the whole split), `ours-window` (`augment.mosaic_window: 16`: partners from the item's block of 16
+positions of the epoch order, ~1 decode per item).
 The machine may be shared: ratios of interleaved runs are the figures to read, not absolute rates.
 
 Usage: python scripts/bench_pipeline.py [--full] [--images N] [--repeats R] [--sizes 640,320]
-       [--variants ours,ours-uniform] [--data DIR] [--json OUT]
+       [--variants ours,ours-window] [--data DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -108,26 +109,24 @@ def random_labels(rng: np.random.Generator) -> str:
 
 
 # -- the two pipelines -----------------------------------------------------------------------------------
-VARIANTS = {"ours": "window", "ours-uniform": "uniform"}  # name: mosaic partner rule
+VARIANTS = {"ours": 0, "ours-window": 16}  # name: augment.mosaic_window (0: the default, uniform partners)
 
 
 class Ours:
-    """Our dataset in one of VARIANTS (a module setting of dataset.py, set before each use)."""
+    """Our dataset in one of VARIANTS (its `augment.mosaic_window`)."""
 
     def __init__(self, root: Path, name: str = "ours") -> None:
         from yolo_resume.data.yolo import load_yolo_split
 
         self.split = load_yolo_split(str(root), "", "train", NAMES)
         self.name = name
-        self.partners = VARIANTS[name]
+        self.window = VARIANTS[name]
 
     def dataset(self, imgsz: int):
         from yolo_resume.config import AugmentConfig
         from yolo_resume.data import DetectionDataset
-        from yolo_resume.data import dataset as dataset_mod
-
-        dataset_mod.MOSAIC_PARTNERS = self.partners  # module state: loader workers fork after this
-        return DetectionDataset(self.split, imgsz, augment=AugmentConfig(**AUGMENT), seed=0, epochs=1000)
+        augment = AugmentConfig(**AUGMENT, mosaic_window=self.window)
+        return DetectionDataset(self.split, imgsz, augment=augment, seed=0, epochs=1000)
 
     def loader(self, imgsz: int, epoch: int):
         from torch.utils.data import DataLoader

@@ -16,11 +16,12 @@ from torch.utils.data import DataLoader
 from yolo_resume.config import AugmentConfig, DataConfig
 from yolo_resume.data import DetectionDataset, EpochBatchSampler, collate_fn, epoch_permutation, load_split
 from yolo_resume.data import augment as aug
-from yolo_resume.data import dataset as dataset_mod
 
 IMGSZ = 64
 COUNT = 32
 AUG = AugmentConfig(mosaic=1.0, close_mosaic=0)  # every other setting: the defaults (flip, HSV, scale, shift)
+WINDOW = 16
+WINDOWED = AugmentConfig(mosaic=1.0, close_mosaic=0, mosaic_window=WINDOW)
 
 
 def rectangles_split(root: Path, count: int = COUNT, size: tuple[int, int] = (200, 150)):
@@ -55,34 +56,36 @@ def same_item(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in ("img", "cls", "bboxes")) and a["image_id"] == b["image_id"]
 
 
-def test_items_do_not_depend_on_loading_order_cache_or_instance(split):
-    in_order = dataset(split)
+@pytest.mark.parametrize("augment", [AUG, WINDOWED], ids=["uniform", "window"])
+def test_items_do_not_depend_on_loading_order_cache_or_instance(split, augment):
+    in_order = dataset(split, augment)
     keys = [(e, i) for e in (0, 1) for i in epoch_permutation(COUNT, 3, e)]
     reference = {k: in_order[k] for k in keys}
     shuffled = list(keys)
     random.Random(1).shuffle(shuffled)
-    other = dataset(split)  # a resumed run: a fresh instance, its cache filled in another order
+    other = dataset(split, augment)  # a resumed run: a fresh instance, its cache filled in another order
     assert all(same_item(other[k], reference[k]) for k in shuffled)
     assert not same_item(reference[(0, 5)], reference[(1, 5)])  # epochs differ
     assert not same_item(reference[(0, 5)], dataset(split, seed=4)[(0, 5)])  # seeds differ
 
 
+@pytest.mark.parametrize("augment", [AUG, WINDOWED], ids=["uniform", "window"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_loader_batches_are_the_same_items_at_any_worker_count(split, workers):
-    ds = dataset(split)
+def test_loader_batches_are_the_same_items_at_any_worker_count(split, workers, augment):
+    ds = dataset(split, augment)
     sampler = EpochBatchSampler(COUNT, 8, seed=3)
     sampler.set_epoch(1)
     batches = list(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers))
     keys = [(1, int(i)) for i in epoch_permutation(COUNT, 3, 1)]
-    expected = collate_fn([dataset(split)[k] for k in keys])
+    expected = collate_fn([dataset(split, augment)[k] for k in keys])
     assert torch.equal(torch.cat([b["img"] for b in batches]), expected["img"])
     assert torch.equal(torch.cat([b["bboxes"] for b in batches]), expected["bboxes"])
     assert batches[0]["img"].is_contiguous() and batches[0]["img"].dtype == torch.uint8
 
 
 def test_mosaic_partners_come_from_the_items_window_of_the_epoch_order(split):
-    ds = dataset(split)
-    window = dataset_mod.MOSAIC_WINDOW
+    ds = dataset(split, WINDOWED)
+    window = WINDOW
     for epoch in (0, 1):
         order = epoch_permutation(COUNT, 3, epoch)
         for pos, index in enumerate(order):
@@ -211,16 +214,15 @@ def test_a_fetched_batch_is_collated_without_a_copy(split):
     assert collate_fn(items[2:5])["img"].data_ptr() != items[2]["img"].data_ptr()  # a part: stacked
 
 
-def test_uniform_partners_are_still_a_pure_function(split, monkeypatch):
-    monkeypatch.setattr(dataset_mod, "MOSAIC_PARTNERS", "uniform")
+def test_default_partners_come_from_the_whole_split(split):
     ds = dataset(split)
     order = epoch_permutation(COUNT, 3, 0).tolist()
     far = 0
     for index in range(COUNT):
         partners = ds.mosaic_partners(0, index, (0.05, 0.5, 0.95))
         assert partners == tuple(min(int(u * COUNT), COUNT - 1) for u in (0.05, 0.5, 0.95))
-        window = order.index(index) // dataset_mod.MOSAIC_WINDOW
-        far += any(order.index(p) // dataset_mod.MOSAIC_WINDOW != window for p in partners)
+        window = order.index(index) // WINDOW
+        far += any(order.index(p) // WINDOW != window for p in partners)
     assert far > 0
     assert same_item(ds[(1, 3)], dataset(split)[(1, 3)])
 

@@ -35,16 +35,14 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 # Per process (each data-loader worker holds its own): a batch's images at 640 px take ~15 MB; small
 # datasets stay fully decoded.
 DECODED_CACHE_BYTES = 64 << 20
-# Where the three mosaic partners of an item come from. "window": uniformly from the other images of
-# its window, the aligned block of MOSAIC_WINDOW consecutive positions of the epoch's sample order
+# Where the three mosaic partners of an item come from: `augment.mosaic_window`. 0: uniformly from the
+# whole dataset (each partner a fresh decode on a split larger than the cache). N: uniformly from the other
+# images of its window, the aligned block of N consecutive positions of the epoch's sample order
 # (sampler.epoch_permutation, the order the batches are cut from). Batches whose size is a multiple of
-# the window hold whole windows, so the worker that builds a batch decodes each of its images once
-# (~1 decode per item instead of ~4). Over an epoch each image's partners are still uniform over the
-# dataset (the order is a uniform permutation); what changes is that the tiles of one batch come from
-# its own images. "uniform": uniformly from the whole dataset (each partner a fresh decode on a split
-# larger than the cache). Either way a pure function of (seed, epoch, index).
-MOSAIC_PARTNERS = "window"
-MOSAIC_WINDOW = 16
+# N hold whole windows, so the worker that builds a batch decodes each of its images once (~1 decode
+# per item instead of ~4). Over an epoch each image's partners are still uniform over the dataset (the
+# order is a uniform permutation), but the tiles of one batch come from its own images: measured lower
+# mAP (BENCHMARKS.md), hence off by default. Either way a pure function of (seed, epoch, index).
 
 
 class DetectionDataset(Dataset):
@@ -170,12 +168,12 @@ class DetectionDataset(Dataset):
         return aug.hsv_jitter(out, p.hsv), moved[keep], cls[keep]
 
     def mosaic_partners(self, epoch: int, index: int, partner_u: tuple[float, ...]) -> tuple[int, ...]:
-        """The other mosaic images of item (epoch, index), by the MOSAIC_PARTNERS rule."""
-        n = len(self)
-        if MOSAIC_PARTNERS == "uniform" or n == 1:
+        """The other mosaic images of item (epoch, index), by the `augment.mosaic_window` rule."""
+        n, window = len(self), self.augment.mosaic_window if self.augment is not None else 0
+        if window < 2 or n == 1:
             return tuple(min(int(u * n), n - 1) for u in partner_u)
         order, position = self._epoch_order(epoch)
-        pos, size = int(position[index]), min(MOSAIC_WINDOW, n)
+        pos, size = int(position[index]), min(window, n)
         start = min(pos // size * size, n - size)  # the short tail of the order joins the window before it
         picks = (start + min(int(u * (size - 1)), size - 2) for u in partner_u)  # a window position but pos
         return tuple(int(order[q + (q >= pos)]) for q in picks)
