@@ -125,6 +125,7 @@ class Ours:
     def dataset(self, imgsz: int):
         from yolo_resume.config import AugmentConfig
         from yolo_resume.data import DetectionDataset
+
         augment = AugmentConfig(**AUGMENT, mosaic_window=self.window)
         return DetectionDataset(self.split, imgsz, augment=augment, seed=0, epochs=1000)
 
