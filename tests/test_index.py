@@ -19,6 +19,7 @@ from yolo_resume.data.coco import coco_gt
 from yolo_resume.data.dataset import DetectionDataset
 from yolo_resume.data.records import FlatRecords, ImageRecord, Split, dataset_fingerprint, fingerprint
 from yolo_resume.distributed import Distributed
+from yolo_resume.errors import DataError
 
 
 def _image(path: Path, seed: int, wh: tuple[int, int] = (40, 30)) -> None:
@@ -186,11 +187,14 @@ def _rewrite(path: Path, **changes: np.ndarray) -> None:
         np.savez(f, **cols)
 
 
-def test_index_of_other_settings_is_not_used(tmp_path):
+def test_index_of_other_settings_is_not_used_and_content_hashes_fill_flat_records(tmp_path):
     root = _yolo(tmp_path)
-    load_split(_cfg(root), "train")
+    stat = load_split(_cfg(root), "train")
     content = load_split(_cfg(root, fingerprint="content"), "train")
     assert all(len(r.content) == 64 for r in content.records)  # the stat index had no content hashes
+    assert all(r.content == "" for r in stat.records)
+    check_mod.fill_content_hashes(stat)  # what a resume of a content-fingerprinted checkpoint does
+    assert fingerprint(stat, "content") == fingerprint(content, "content")
 
 
 def test_coco_cached_start_parses_no_json_and_a_changed_json_invalidates(tmp_path, no_checks, monkeypatch):
@@ -211,6 +215,11 @@ def test_coco_cached_start_parses_no_json_and_a_changed_json_invalidates(tmp_pat
     path.write_text(json.dumps(body))
     changed = load_split(cfg, "train")
     assert changed.records[1].boxes.tolist() == [[1.0, 1.0, 6.0, 6.0]] and changed.label_digest != first.label_digest
+    assert changed.report.cached == 6  # the images' check entries still hold: only the JSON was read again
+    body["images"][2]["width"] = 41
+    path.write_text(json.dumps(body))
+    with pytest.raises(DataError, match=r"c2.jpg` is 40x30 but .* says 41x30; fix the annotation"):
+        load_split(cfg, "train")
 
 
 def test_coco_boxes_are_bitwise_those_of_one_image_at_a_time(tmp_path):
@@ -286,3 +295,17 @@ def test_dataset_items_are_the_same_from_flat_and_list_records(tmp_path):
     for key in [(0, 0), (1, 5), (0, 11)]:
         a, b = flat_ds[key], list_ds[key]
         assert a["img"].equal(b["img"]) and a["bboxes"].equal(b["bboxes"]) and a["image_id"] == b["image_id"]
+
+
+def test_exif_rotated_jpeg_reports_the_decoded_size_from_one_open(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "r.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: cv2 decodes it 30x40
+    Image.new("RGB", (40, 30)).save(path, exif=exif)
+    info = check_mod.verify_image(path)
+    assert (info.width, info.height, info.raw_width, info.raw_height) == (30, 40, 40, 30)
+    assert cv2.imread(str(path)).shape[:2] == (40, 30)
+    Image.new("RGB", (40, 30)).save(tmp_path / "p.png")
+    assert check_mod.verify_image(tmp_path / "p.png").width == 40
