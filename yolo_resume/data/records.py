@@ -57,8 +57,11 @@ class FlatRecords(Sequence):
         self.boxes = np.asarray(columns["boxes"], np.float32).reshape(-1, 4)
         self.box_offsets = np.asarray(columns["box_offsets"], np.int64).reshape(n + 1)
         self.cls = np.asarray(columns["cls"], np.int64).reshape(-1)
-        content = columns.get("content")
-        self.content = np.asarray(content if content is not None else np.full(n, b"", "S64"), "S64").reshape(n)
+        content = np.asarray(columns["content"] if columns.get("content") is not None else np.zeros(n, "S1"))
+        if content.dtype.kind != "S" or content.itemsize > 64:
+            raise ValueError("content hashes must be bytes of at most 64 characters")
+        # Without hashes (`fingerprint: stat`, the default) one byte per image, not 64.
+        self.content = content.reshape(n) if (content != b"").any() else np.zeros(n, "S1")
         if self.box_offsets[-1] != len(self.boxes) or len(self.cls) != len(self.boxes):
             raise ValueError("box offsets do not match the boxes")
         if n and (self.path_offsets[-1] != len(self.path_blob) or (np.diff(self.path_offsets) < 0).any()):
@@ -107,7 +110,7 @@ class FlatRecords(Sequence):
                 "boxes": np.concatenate(boxes) if n else np.zeros((0, 4), np.float32),
                 "box_offsets": _offsets(counts),
                 "cls": np.concatenate(classes) if n else np.zeros((0,), np.int64),
-                "content": np.asarray(content, "S64") if content is not None else None,
+                "content": np.asarray(content, "S64") if content is not None and len(content) else None,
             }
         )
 
@@ -137,7 +140,7 @@ class FlatRecords(Sequence):
                 "boxes": boxes,
                 "box_offsets": _offsets(np.asarray(counts, np.int64)),
                 "cls": classes,
-                "content": np.asarray(content, "S64") if content is not None else None,
+                "content": np.asarray(content, "S64") if content is not None and len(content) else None,
             }
         )
 
@@ -215,6 +218,8 @@ class FlatRecords(Sequence):
         return [c.decode() for c in self.content.tolist()]
 
     def set_content(self, index: int, digest: str) -> None:
+        if self.content.itemsize < 64:
+            self.content = self.content.astype("S64")
         self.content[index] = digest.encode()
 
     def nbytes(self) -> int:
