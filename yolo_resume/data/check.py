@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from .records import FlatRecords, ImageRecord, Split
+from .records import FlatRecords, ImageRecord, LabelFiles, Split
 
 CACHE_VERSION = 1  # bump when what an entry means changes: old caches are then ignored
 CACHE_DIR_ENV = "YOLO_RESUME_CACHE_DIR"  # where indexes go when set (tests, read-only datasets)
@@ -297,6 +297,7 @@ class SplitSnapshot:
     listed: list[str]
     stats: np.ndarray  # (n, k) int64
     meta: dict
+    label_files: LabelFiles | None = None
 
 
 class SplitIndex:
@@ -323,17 +324,29 @@ class SplitIndex:
                 records = FlatRecords({name: archive[f"r_{name}"] for name in FlatRecords.COLUMNS})
                 listed = FlatRecords.split_blob(archive["listed_blob"], archive["listed_offsets"])
                 stats = np.asarray(archive["listed_stats"], np.int64)
+                labels = None
+                if "label_blob" in archive.files:
+                    labels = LabelFiles(archive["label_blob"], archive["label_offsets"], archive["label_sha"])
         except _UNREADABLE:
             return None
         if stats.ndim != 2 or len(stats) != len(listed):
             return None
-        return SplitSnapshot(records, listed, stats, meta)
+        return SplitSnapshot(records, listed, stats, meta, labels)
 
-    def save(self, settings: dict, records: FlatRecords, listed: list[str], stats: np.ndarray, meta: dict) -> str:
+    def save(
+        self,
+        settings: dict,
+        records: FlatRecords,
+        listed: list[str],
+        stats: np.ndarray,
+        meta: dict,
+        label_files: LabelFiles | None = None,
+    ) -> str:
         """Write atomically; returns '' or why it could not be written (never fatal)."""
         body = dict(meta, version=SPLIT_INDEX_VERSION, settings=settings)
         blob, offsets = FlatRecords.join_blob(listed)
         cols = {f"r_{name}": array for name, array in records.columns().items()}
+        cols |= label_files.columns() if label_files is not None else {}
         cols |= {"listed_blob": blob, "listed_offsets": offsets, "listed_stats": np.asarray(stats, np.int64)}
         cols["meta"] = np.frombuffer(json.dumps(body, separators=(",", ":")).encode(), np.uint8)
         try:
@@ -411,21 +424,32 @@ def index_yolo_split(
     index = SplitIndex.beside(cache)
     settings = {"kind": "yolo", "nc": len(names), "kpt_shape": kpt_shape, "fingerprint": fingerprint}
     snapshot = index.load(settings)
-    if snapshot is not None and snapshot.listed == files and np.array_equal(snapshot.stats, stats):
+    if _covers(snapshot, files, stats):
         report = report_from_meta(split, snapshot.meta["report"], names)
         report.skipped = {why: [_rel(p, root) for p in found] for why, found in listing.skipped.items()}
         _refuse_unusable(report, snapshot.records, on_bad_image, [], files, labels)
         report.cache_file, report.seconds = str(cache.path), time.perf_counter() - start
-        return _yolo_split(names, snapshot.records, root, snapshot.meta, report)
+        return _yolo_split(names, snapshot.records, root, snapshot.meta, report, snapshot.label_files)
     records, meta, report, entries, changed = _build_yolo_split(
         root, listing, labels, stats, split, names, kpt_shape, on_bad_image, fingerprint, cache
     )
     _save_index(report, cache, entries, changed, split, start)
-    note = index.save(settings, records, files, stats, meta | {"report": report_meta(report, names)})
+    label_files = meta.pop("label_files")
+    note = index.save(settings, records, files, stats, meta | {"report": report_meta(report, names)}, label_files)
     if note:
         report.notes.append(f"{split}: {note}")
     report.seconds = time.perf_counter() - start
-    return _yolo_split(names, records, root, meta, report)
+    return _yolo_split(names, records, root, meta, report, label_files)
+
+
+def _covers(snapshot: SplitSnapshot | None, files: list[str], stats: np.ndarray) -> bool:
+    """The stored YOLO split is this one: the same files, each image and label with the same size and mtime."""
+    return (
+        snapshot is not None
+        and snapshot.label_files is not None
+        and snapshot.listed == files
+        and np.array_equal(snapshot.stats, stats)
+    )
 
 
 def _int_table(pairs: list[tuple[int, int]]) -> np.ndarray:
@@ -435,7 +459,9 @@ def _int_table(pairs: list[tuple[int, int]]) -> np.ndarray:
     return np.fromiter(chain.from_iterable(pairs), np.int64, 2 * len(pairs)).reshape(-1, 2)
 
 
-def _yolo_split(names: list[str], records: FlatRecords, root: Path, meta: dict, report: CheckReport) -> Split:
+def _yolo_split(
+    names: list[str], records: FlatRecords, root: Path, meta: dict, report: CheckReport, label_files: LabelFiles
+) -> Split:
     return Split(
         names=list(names),
         records=records,
@@ -443,7 +469,7 @@ def _yolo_split(names: list[str], records: FlatRecords, root: Path, meta: dict, 
         base=root,
         label_digest=meta["label_digest"],
         report=report,
-        label_files=dict(meta["label_files"]),
+        label_files=label_files,
     )
 
 
@@ -490,7 +516,7 @@ def _build_yolo_split(root, listing, labels, stats, split, names, kpt_shape, on_
     report.backgrounds = int((kept == 0).sum())
     counts = np.bincount(cls, minlength=len(names)) if len(cls) else np.zeros(len(names), np.int64)
     report.boxes = Counter({names[c]: int(n) for c, n in enumerate(counts.tolist()) if n})
-    meta = {"label_digest": digest.hexdigest(), "label_files": label_files}
+    meta = {"label_digest": digest.hexdigest(), "label_files": LabelFiles.from_dict(label_files)}
     return records, meta, report, entries, bool(todo)
 
 

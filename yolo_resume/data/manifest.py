@@ -25,7 +25,7 @@ def split_manifest(split: Split) -> dict:
     images = {
         rel: [size, mtime, content] for rel, size, mtime, content in zip(rels, sizes, mtimes, contents, strict=True)
     }
-    labels = dict(split.label_files)
+    labels = dict(split.label_files.items())
     if split.coco_json is not None:
         labels = {_rel(split.coco_json, split.base): split.label_digest}
     return {"base": str(split.base), "images": images, "labels": labels}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -226,6 +226,43 @@ class FlatRecords(Sequence):
         return sum(a.nbytes for a in self.columns().values())
 
 
+class LabelFiles(Mapping):
+    """A YOLO split's label files (relative path -> sha256) as a path blob and a digest column: 120k of them
+    as a dict are ~40 MB of small objects kept for the whole run, read only when a manifest is written."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray, digests: np.ndarray) -> None:
+        self.blob, self.offsets = np.asarray(blob, np.uint8), np.asarray(offsets, np.int64)
+        self.digests = np.asarray(digests, "S64").reshape(-1)
+        if len(self.offsets) != len(self.digests) + 1:
+            raise ValueError("label offsets do not match the digests")
+        cuts = self.offsets
+        if not len(cuts) or cuts[0] != 0 or cuts[-1] != len(self.blob) or (np.diff(cuts) < 0).any():
+            raise ValueError("label offsets do not fit the path blob")
+        self._index: dict[str, int] | None = None
+
+    @classmethod
+    def from_dict(cls, files: Mapping[str, str]) -> LabelFiles:
+        blob, offsets = FlatRecords.join_blob(list(files))
+        return cls(blob, offsets, np.array([v.encode() for v in files.values()], "S64").reshape(-1))
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {"label_blob": self.blob, "label_offsets": self.offsets, "label_sha": self.digests}
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(FlatRecords.split_blob(self.blob, self.offsets))
+
+    def __getitem__(self, key: str) -> str:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self)}
+        return self.digests[self._index[key]].decode()
+
+    def items(self):  # type: ignore[override]  # in one pass, without the index
+        return list(zip(self, (d.decode() for d in self.digests.tolist()), strict=True))
+
+
 def _offsets(counts: np.ndarray) -> np.ndarray:
     out = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=out[1:])
@@ -253,7 +290,7 @@ class Split:
     label_digest: str  # sha256 of the annotation / label contents the records came from
     coco_json: Path | None = None  # coco: the ground truth file; None: built from the records
     report: Any = None  # the up-front check's findings (check.CheckReport)
-    label_files: dict[str, str] = field(default_factory=dict)  # yolo: label path (relative) -> sha256
+    label_files: Mapping[str, str] = field(default_factory=dict)  # yolo: label path (relative) -> sha256
 
 
 def empty_targets() -> tuple[np.ndarray, np.ndarray]:
