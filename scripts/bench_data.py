@@ -312,8 +312,11 @@ def child(kind: str, root: Path, loader: list[int]) -> None:
 
 def measure(kind: str, root: Path, loader: tuple[int, ...] = (4, 16, 200, 640)) -> dict:
     """One figure in a fresh interpreter (nothing warm but the files' page cache, for both sides alike)."""
-    cmd = [sys.executable, __file__, "--child", kind, "--root", str(root), "--loader", *map(str, loader)]
     env = dict(os.environ, PYTHONPATH=str(REPO), YOLO_OFFLINE="1")
+    if kind.endswith("-mmap"):  # glibc: a fixed mmap threshold, so freed per-item buffers go back to the system
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        kind = kind.removesuffix("-mmap")
+    cmd = [sys.executable, __file__, "--child", kind, "--root", str(root), "--loader", *map(str, loader)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -434,16 +437,22 @@ class Bench:
         root = self.yolo(n)
         measure("ours-warm", root)  # both sides' caches built, outside the figures
         measure("ul-cached", root)
-        kinds = ["loader-ours", "loader-ultralytics", "loader-ours-nocache"]
+        kinds = ["loader-ours", "loader-ultralytics", "loader-ours-nocache", "loader-ours-mmap"]
         runs: dict[str, list[dict]] = {k: [] for k in kinds}
         for _ in range(self.args.memory_repeats):
             for kind in kinds:
                 runs[kind].append(measure(kind, root, loader=tuple(self.args.loader)))
         ours, theirs, bare = runs["loader-ours"], runs["loader-ultralytics"], runs["loader-ours-nocache"]
+        fixed = runs["loader-ours-mmap"]
         print(f"\n### Loader memory: {n} images, {workers} workers, batch {batch}, imgsz {imgsz}, {batches} batches\n")
         print("| | tree PSS at half (MB) | tree PSS at end (MB) | USS per worker (MB) | items/s |")
         print("|---|---|---|---|---|")
-        for name, r in (("ours", ours), ("ultralytics", theirs), ("ours, decoded cache off", bare)):
+        for name, r in (
+            ("ours", ours),
+            ("ultralytics", theirs),
+            ("ours, decoded cache off", bare),
+            ("ours, MALLOC_MMAP_THRESHOLD_=131072", fixed),
+        ):
             rate = batches * batch / med(r)
             print(
                 f"| {name} | {med(r, 'pss_mb_half'):.0f} | {med(r, 'pss_mb'):.0f} | {med(r, 'worker_uss_mb'):.0f} | "
