@@ -240,8 +240,10 @@ def _loader_memory(root: Path, side: str, workers: int, batch: int, batches: int
 
         if side == "ours-nocache":  # the decoded-image cache off: what the records and per-item buffers cost
             dataset_mod.DECODED_CACHE_BYTES = 0
-
         split = load_split(DataConfig(format="yolo", root=str(root), names=NAMES), "train")
+        if side == "ours-list":  # the records as one ImageRecord per image (before issue 13), to compare
+            split.records = list(split.records)
+
         dataset, collate = DetectionDataset(split, imgsz, augment=AugmentConfig(), seed=0, epochs=10), collate_fn
     else:
         from ultralytics.cfg import get_cfg
@@ -438,12 +440,13 @@ class Bench:
         measure("ours-warm", root)  # both sides' caches built, outside the figures
         measure("ul-cached", root)
         kinds = ["loader-ours", "loader-ultralytics", "loader-ours-nocache", "loader-ours-mmap"]
+        kinds += ["loader-ours-list-mmap"]
         runs: dict[str, list[dict]] = {k: [] for k in kinds}
         for _ in range(self.args.memory_repeats):
             for kind in kinds:
                 runs[kind].append(measure(kind, root, loader=tuple(self.args.loader)))
         ours, theirs, bare = runs["loader-ours"], runs["loader-ultralytics"], runs["loader-ours-nocache"]
-        fixed = runs["loader-ours-mmap"]
+        fixed, listed = runs["loader-ours-mmap"], runs["loader-ours-list-mmap"]
         print(f"\n### Loader memory: {n} images, {workers} workers, batch {batch}, imgsz {imgsz}, {batches} batches\n")
         print("| | tree PSS at half (MB) | tree PSS at end (MB) | USS per worker (MB) | items/s |")
         print("|---|---|---|---|---|")
@@ -452,6 +455,7 @@ class Bench:
             ("ultralytics", theirs),
             ("ours, decoded cache off", bare),
             ("ours, MALLOC_MMAP_THRESHOLD_=131072", fixed),
+            ("ours, same, records as a list of ImageRecord (before)", listed),
         ):
             rate = batches * batch / med(r)
             print(
