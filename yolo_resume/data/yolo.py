@@ -255,8 +255,11 @@ def _walk_folder(folder: Path, listing: Listing) -> None:
 
 
 def _walk_sorted(dirpath: str, listing: Listing, files: list[str], flat_stats: list[int]) -> None:
-    with os.scandir(dirpath) as scan:
-        entries = sorted(scan, key=lambda e: e.name)
+    try:
+        with os.scandir(dirpath) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+    except OSError:  # an unreadable subfolder is passed over, as os.walk does
+        return
     for entry in entries:
         name = entry.name
         if entry.is_dir():
