@@ -309,3 +309,14 @@ def test_exif_rotated_jpeg_reports_the_decoded_size_from_one_open(tmp_path):
     assert cv2.imread(str(path)).shape[:2] == (40, 30)
     Image.new("RGB", (40, 30)).save(tmp_path / "p.png")
     assert check_mod.verify_image(tmp_path / "p.png").width == 40
+
+
+def test_check_coco_images_still_checks_a_list_of_records(tmp_path):
+    """The public per-record check (kept for callers of 0.3) gives what the loader's columns give."""
+    cfg = _coco(tmp_path)
+    split = load_split(cfg, "train")
+    records = [ImageRecord(r.path, r.width, r.height, r.boxes, r.cls, r.image_id) for r in split.records]
+    kept, report = check_mod.check_coco_images(
+        tmp_path, tmp_path / "annotations" / "instances_train.json", records, "train", "skip", "stat"
+    )
+    assert _as_lists(kept) == _as_lists(split.records) and report.cached == 6
