@@ -12,7 +12,7 @@ from ..config import AugmentConfig, DataConfig
 from ..errors import DataError
 from .coco import load_coco_split
 from .dataset import DetectionDataset, collate_fn, item_rng
-from .records import ImageRecord, Split
+from .records import FlatRecords, ImageRecord, Split
 from .sampler import EpochBatchSampler, epoch_permutation
 from .synthetic import SHAPES, ensure_synthetic, generate_synthetic
 from .yolo import load_yolo_split
@@ -21,6 +21,7 @@ __all__ = [
     "SHAPES",
     "DetectionDataset",
     "EpochBatchSampler",
+    "FlatRecords",
     "ImageRecord",
     "Split",
     "build_datasets",

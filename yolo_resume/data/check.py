@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from .records import ImageRecord, Split
+from .records import FlatRecords, ImageRecord, LabelFiles, Split
 
 CACHE_VERSION = 1  # bump when what an entry means changes: old caches are then ignored
 CACHE_DIR_ENV = "YOLO_RESUME_CACHE_DIR"  # where indexes go when set (tests, read-only datasets)
@@ -61,11 +62,14 @@ def verify_image(path: Path) -> ImageInfo:
     end marker is missing (a truncated file, which verify does not notice) a full decode."""
     try:
         with Image.open(path) as im:
+            fmt = (im.format or "").upper()
+            # A JPEG's EXIF is read with its header: take it before verify(), which leaves the image unusable.
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if fmt in ("JPEG", "MPO") else None
             im.verify()
             raw_width, raw_height = im.size
-            fmt = (im.format or "").upper()
-        with Image.open(path) as im:  # verify() leaves the image unusable; EXIF is in the header (PNG: a chunk)
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if fmt != "PNG" or "exif" in im.info else 1
+        if orientation is None:  # other formats (PNG: a chunk, maybe after the pixels): open again
+            with Image.open(path) as im:
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if fmt != "PNG" or "exif" in im.info else 1
     # ImportError: ultralytics patches Image.open to look for a HEIF plugin on unknown files.
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, ImportError) as exc:
         raise BadImage(f"not a readable image ({' '.join(str(exc).split())[:120]})") from None
@@ -208,24 +212,41 @@ class IndexCache:
         user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "yolo-resume" / "index"
         return cls(user / file, settings)
 
+    def columns(self) -> dict[str, np.ndarray] | None:
+        """The stored columns (read once), or None: no cache, one from another version or other settings."""
+        if not hasattr(self, "_columns"):
+            self._columns = None
+            try:
+                with np.load(self.path, allow_pickle=False) as archive:
+                    if str(archive["settings"]) == self.settings:
+                        self._columns = {name: archive[name] for name in archive.files}
+            except _UNREADABLE:
+                pass
+        return self._columns
+
     def load(self) -> None:
-        try:
-            with np.load(self.path, allow_pickle=False) as archive:
-                if str(archive["settings"]) != self.settings:
-                    return
-                cols = {name: archive[name] for name in archive.files}
-        except (OSError, KeyError, ValueError):
+        cols = self.columns()
+        if cols is None:
             return  # no cache, or one from another version: build afresh
+        try:
+            self.entries.update(self._entries(cols))
+        except _UNREADABLE:
+            self.entries.clear()
+
+    @staticmethod
+    def _entries(cols: dict[str, np.ndarray]) -> dict[str, dict]:
         keys, rows, starts = cols["keys"].tolist(), cols["rows"], cols["row_start"]
         texts = {f: cols[f].tolist() for f in _TEXT_FIELDS}
         stat, size, raw = cols["stat"].tolist(), cols["size"].tolist(), cols["raw"].tolist()
         dups = cols["duplicates"].tolist()
+        entries = {}
         for i, key in enumerate(keys):
             entry = {"stat": stat[i], "size": size[i], "raw": raw[i], "duplicates": dups[i]}
             entry |= {f: texts[f][i] for f in _TEXT_FIELDS if texts[f][i]}
             entry["label_sha"] = texts["label_sha"][i] or None
             entry["rows"] = rows[starts[i] : starts[i + 1]]
-            self.entries[key] = entry
+            entries[key] = entry
+        return entries
 
     def save(self, entries: dict[str, dict]) -> str:
         """Write atomically; returns '' or why it could not be written (never fatal)."""
@@ -263,12 +284,120 @@ def _writable(folder: Path) -> bool:
     return os.access(probe, os.W_OK)
 
 
+SPLIT_INDEX_VERSION = 1  # bump when the split index's layout or meaning changes: old ones are then ignored
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
+
+
+@dataclass
+class SplitSnapshot:
+    """A split as a start left it: its flat records, the files it was made of (with the (size, mtime) of each
+    image and label, in listing order) and the JSON part (settings, report numbers, label digest...)."""
+
+    records: FlatRecords
+    listed: list[str]
+    stats: np.ndarray  # (n, k) int64
+    meta: dict
+    label_files: LabelFiles | None = None
+
+
+class SplitIndex:
+    """The whole checked split in one uncompressed `.npz` of flat arrays (read with `allow_pickle=False`) plus
+    one JSON text: a start whose file list and stats equal the stored ones reads this instead of the per-file
+    entries (no per-image Python). A file that does not parse, or is from another version or other settings,
+    is ignored and rebuilt, never trusted."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def beside(cls, cache: IndexCache) -> SplitIndex:
+        return cls(cache.path.with_name("split-" + cache.path.name.removeprefix("index-")))
+
+    def load(self, settings: dict) -> SplitSnapshot | None:
+        try:
+            with np.load(self.path, allow_pickle=False) as archive:
+                meta = json.loads(archive["meta"].tobytes().decode())
+                if not isinstance(meta, dict) or meta.get("version") != SPLIT_INDEX_VERSION:
+                    return None
+                if meta.get("settings") != json.loads(json.dumps(settings)):
+                    return None
+                records = FlatRecords({name: archive[f"r_{name}"] for name in FlatRecords.COLUMNS})
+                listed = FlatRecords.split_blob(archive["listed_blob"], archive["listed_offsets"])
+                stats = np.asarray(archive["listed_stats"], np.int64)
+                labels = None
+                if "label_blob" in archive.files:
+                    labels = LabelFiles(archive["label_blob"], archive["label_offsets"], archive["label_sha"])
+        except _UNREADABLE:
+            return None
+        if stats.ndim != 2 or len(stats) != len(listed):
+            return None
+        return SplitSnapshot(records, listed, stats, meta, labels)
+
+    def save(
+        self,
+        settings: dict,
+        records: FlatRecords,
+        listed: list[str],
+        stats: np.ndarray,
+        meta: dict,
+        label_files: LabelFiles | None = None,
+    ) -> str:
+        """Write atomically; returns '' or why it could not be written (never fatal)."""
+        body = dict(meta, version=SPLIT_INDEX_VERSION, settings=settings)
+        blob, offsets = FlatRecords.join_blob(listed)
+        cols = {f"r_{name}": array for name, array in records.columns().items()}
+        cols |= label_files.columns() if label_files is not None else {}
+        cols |= {"listed_blob": blob, "listed_offsets": offsets, "listed_stats": np.asarray(stats, np.int64)}
+        cols["meta"] = np.frombuffer(json.dumps(body, separators=(",", ":")).encode(), np.uint8)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".npz")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **cols)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            return f"split index not saved ({exc})"
+        return ""
+
+
+def report_meta(report: CheckReport, names: list[str]) -> dict:
+    """What of a report a cached start shows again (the skipped files are listed afresh on every start)."""
+    by_class = [report.boxes.get(n, 0) for n in names]
+    return {
+        "images": report.images,
+        "used": report.used,
+        "labels": report.labels,
+        "backgrounds": report.backgrounds,
+        "boxes": by_class,
+        "duplicates": report.duplicates,
+        "duplicate_files": report.duplicate_files,
+        "bad": [list(b) for b in report.bad],
+        "dropped_boxes": report.dropped_boxes,
+        "notes": report.notes,
+    }
+
+
+def report_from_meta(split: str, meta: dict, names: list[str]) -> CheckReport:
+    report = CheckReport(split, images=int(meta["images"]), used=int(meta["used"]), labels=int(meta["labels"]))
+    report.backgrounds = int(meta["backgrounds"])
+    report.boxes = Counter({n: int(c) for n, c in zip(names, meta["boxes"], strict=True) if c})
+    report.duplicates, report.duplicate_files = int(meta["duplicates"]), list(meta["duplicate_files"])
+    report.bad = [(str(f), str(why)) for f, why in meta["bad"]]
+    report.dropped_boxes, report.notes = int(meta["dropped_boxes"]), list(meta["notes"])
+    report.cached = report.images
+    return report
+
+
 def run_checks(jobs: list, work: Callable, threads: int | None = None) -> list:
-    """`work(job)` for each job, in a thread pool (PIL and file reads release the GIL), in order."""
+    """`work(job)` for each job, in a thread pool (PIL and file reads release the GIL), in order. Jobs go to the
+    pool in chunks: one future per image costs ~70 us of locks and bookkeeping, a tenth of a check."""
     if len(jobs) < 32:
         return [work(job) for job in jobs]
+    size = max(1, min(256, len(jobs) // (4 * (threads or check_threads()))))
+    chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
     with ThreadPoolExecutor(max_workers=threads or check_threads()) as pool:
-        return list(pool.map(work, jobs, chunksize=64))
+        done = pool.map(lambda chunk: [work(job) for job in chunk], chunks)
+        return [result for chunk in done for result in chunk]
 
 
 # ----------------------------------------------------------------------------- YOLO splits
@@ -283,27 +412,82 @@ def index_yolo_split(
     on_bad_image: str,
     fingerprint: str,
 ) -> Split:
-    """Check and index the images of a YOLO split (see the module docstring)."""
-    from .yolo import label_path
+    """Check and index the images of a YOLO split (see the module docstring): the split index when every
+    image and label has the (size, mtime) it stored, else the per-file entries, checking only what changed."""
+    from .yolo import label_stats
 
     start = time.perf_counter()
-    images = listing.images
-    labels = [label_path(p) for p in images]
-    rel = [_rel(p, root) for p in images]
+    files = listing.files
+    labels, label_stat = label_stats(files)
+    stats = np.concatenate([_int_table(listing.stats), _int_table(label_stat)], 1)
     cache = IndexCache.for_split(root, f"{split}:yolo", {"nc": len(names), "kpt_shape": kpt_shape})
+    index = SplitIndex.beside(cache)
+    settings = {"kind": "yolo", "nc": len(names), "kpt_shape": kpt_shape, "fingerprint": fingerprint}
+    snapshot = index.load(settings)
+    if _covers(snapshot, files, stats):
+        report = report_from_meta(split, snapshot.meta["report"], names)
+        report.skipped = {why: [_rel(p, root) for p in found] for why, found in listing.skipped.items()}
+        _refuse_unusable(report, snapshot.records, on_bad_image, [], files, labels)
+        report.cache_file, report.seconds = str(cache.path), time.perf_counter() - start
+        return _yolo_split(names, snapshot.records, root, snapshot.meta, report, snapshot.label_files)
+    records, meta, report, entries, changed = _build_yolo_split(
+        root, listing, labels, stats, split, names, kpt_shape, on_bad_image, fingerprint, cache
+    )
+    _save_index(report, cache, entries, changed, split, start)
+    label_files = meta.pop("label_files")
+    note = index.save(settings, records, files, stats, meta | {"report": report_meta(report, names)}, label_files)
+    if note:
+        report.notes.append(f"{split}: {note}")
+    report.seconds = time.perf_counter() - start
+    return _yolo_split(names, records, root, meta, report, label_files)
+
+
+def _covers(snapshot: SplitSnapshot | None, files: list[str], stats: np.ndarray) -> bool:
+    """The stored YOLO split is this one: the same files, each image and label with the same size and mtime."""
+    return (
+        snapshot is not None
+        and snapshot.label_files is not None
+        and snapshot.listed == files
+        and np.array_equal(snapshot.stats, stats)
+    )
+
+
+def _int_table(pairs: list[tuple[int, int]]) -> np.ndarray:
+    """(n, 2) int64 from a list of pairs (np.array of a list of tuples is 40x slower than of a flat list)."""
+    from itertools import chain
+
+    return np.fromiter(chain.from_iterable(pairs), np.int64, 2 * len(pairs)).reshape(-1, 2)
+
+
+def _yolo_split(
+    names: list[str], records: FlatRecords, root: Path, meta: dict, report: CheckReport, label_files: LabelFiles
+) -> Split:
+    return Split(
+        names=list(names),
+        records=records,
+        class_to_category=list(range(1, len(names) + 1)),
+        base=root,
+        label_digest=meta["label_digest"],
+        report=report,
+        label_files=label_files,
+    )
+
+
+def _build_yolo_split(root, listing, labels, stats, split, names, kpt_shape, on_bad_image, fingerprint, cache):
+    """The split from the per-file entries, (re)checking the files whose entry is missing or stale."""
+    files = listing.files
+    rel = [_rel(p, root) for p in files]
     cache.load()
-    stats = [(*stat_key(p), *stat_key(lp)) for p, lp in zip(images, labels, strict=True)]
-    entries, todo = _split_by_cache(cache, rel, stats, fingerprint)
-    cached = len(images) - len(todo)
+    stat_rows = [tuple(row) for row in stats.tolist()]
+    entries, todo = _split_by_cache(cache, rel, stat_rows, fingerprint)
 
     def check(i: int) -> tuple[str, dict]:
-        return rel[i], _check_yolo_item(images[i], labels[i], stats[i], len(names), kpt_shape, fingerprint)
+        return rel[i], _check_yolo_item(Path(files[i]), labels[i], stat_rows[i], len(names), kpt_shape, fingerprint)
 
     entries |= dict(run_checks(todo, check))
-    report = CheckReport(split, images=len(images), cached=cached)
-    report.skipped = {why: [_rel(p, root) for p in files] for why, files in listing.skipped.items()}
-    records, digest, label_files, upper = [], hashlib.sha256(), {}, []
-    usable = []
+    report = CheckReport(split, images=len(files), cached=len(files) - len(todo))
+    report.skipped = {why: [_rel(p, root) for p in found] for why, found in listing.skipped.items()}
+    upper, usable = [], []
     for i, key in enumerate(rel):
         entry = entries[key]
         if entry.get("upper"):
@@ -312,45 +496,38 @@ def index_yolo_split(
             report.bad.append((key, entry["bad"]))
         else:
             usable.append(i)
-    targets = all_label_boxes([entries[rel[i]]["rows"] for i in usable], [entries[rel[i]]["size"] for i in usable])
-    for i, (boxes, cls, dropped) in zip(usable, targets, strict=True):
-        key, entry = rel[i], entries[rel[i]]
-        report.dropped_boxes += dropped
+    used = [entries[rel[i]] for i in usable]
+    boxes, cls, kept, dropped = label_boxes_flat([e["rows"] for e in used], [e["size"] for e in used])
+    digest, label_files = hashlib.sha256(), {}
+    for i, entry in zip(usable, used, strict=True):
         if entry["label_sha"] is not None:
             report.labels += 1
             label_files[_rel(labels[i], root)] = entry["label_sha"]
         if entry["duplicates"]:
             report.duplicates += entry["duplicates"]
             report.duplicate_files.append(_rel(labels[i], root))
-        digest.update(f"{key}\0{entry['label_sha'] or ''}\0".encode())
-        (width, height), (size, mtime) = entry["size"], entry["stat"][:2]
-        records.append(
-            ImageRecord(images[i], width, height, boxes, cls, i + 1, size, mtime, entry.get("content") or "")
-        )
-    _refuse_unusable(report, records, on_bad_image, upper, images, labels)
+        digest.update(f"{rel[i]}\0{entry['label_sha'] or ''}\0".encode())
+    report.dropped_boxes = int(dropped.sum())
+    numbers = [(*e["size"], i + 1, *e["stat"][:2]) for i, e in zip(usable, used, strict=True)]
+    content = [(e.get("content") or "").encode() for e in used]
+    records = FlatRecords.from_flat([files[i] for i in usable], numbers, boxes, kept, cls, content)
+    _refuse_unusable(report, records, on_bad_image, upper, files, labels)
     report.used = len(records)
-    report.backgrounds = sum(not len(r.boxes) for r in records)
-    report.boxes = Counter(
-        {names[c]: n for c, n in sorted(Counter(c for r in records for c in r.cls.tolist()).items())}
-    )
-    _save_index(report, cache, entries, bool(todo), split, start)
-    return Split(
-        names=list(names),
-        records=records,
-        class_to_category=list(range(1, len(names) + 1)),
-        base=root,
-        label_digest=digest.hexdigest(),
-        report=report,
-        label_files=label_files,
-    )
+    report.backgrounds = int((kept == 0).sum())
+    counts = np.bincount(cls, minlength=len(names)) if len(cls) else np.zeros(len(names), np.int64)
+    report.boxes = Counter({names[c]: int(n) for c, n in enumerate(counts.tolist()) if n})
+    meta = {"label_digest": digest.hexdigest(), "label_files": LabelFiles.from_dict(label_files)}
+    return records, meta, report, entries, bool(todo)
 
 
-def all_label_boxes(rows: list[np.ndarray], sizes: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """(xyxy pixel boxes, class ids, boxes dropped) per image, from normalized [cls, cx, cy, w, h] rows: the
-    arithmetic of `yolo.label_boxes` (and so the same bits), in one pass over every image of the split."""
+def label_boxes_flat(
+    rows: list[np.ndarray], sizes: list[list[int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(xyxy pixel boxes, class ids) of every image concatenated, with the boxes kept and dropped per image,
+    from normalized [cls, cx, cy, w, h] rows: the arithmetic of `yolo.label_boxes` (and so the same bits)."""
     counts = np.array([len(r) for r in rows], np.int64)
     if not len(rows):
-        return []
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64), counts, counts
     lab = np.concatenate([np.asarray(r, np.float64).reshape(-1, 5) for r in rows])
     wh = np.repeat(np.asarray(sizes, np.float64).reshape(-1, 2), counts, axis=0)
     scale = np.concatenate([wh, wh], 1)
@@ -360,11 +537,17 @@ def all_label_boxes(rows: list[np.ndarray], sizes: list[list[int]]) -> list[tupl
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, wh[:, 1:].astype(np.float32))
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     owner = np.repeat(np.arange(len(rows)), counts)
-    kept = np.bincount(owner[keep], minlength=len(rows))
+    kept = np.bincount(owner[keep], minlength=len(rows)).astype(np.int64)
+    return boxes[keep], lab[keep, 0].astype(np.int64), kept, counts - kept
+
+
+def all_label_boxes(rows: list[np.ndarray], sizes: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """(xyxy pixel boxes, class ids, boxes dropped) per image (`label_boxes_flat`, split per image)."""
+    if not len(rows):
+        return []
+    boxes, cls, kept, dropped = label_boxes_flat(rows, sizes)
     cuts = np.cumsum(kept)[:-1]
-    per_boxes = np.split(boxes[keep], cuts)
-    per_cls = np.split(lab[keep, 0].astype(np.int64), cuts)
-    return list(zip(per_boxes, per_cls, (counts - kept).tolist(), strict=True))
+    return list(zip(np.split(boxes, cuts), np.split(cls, cuts), dropped.tolist(), strict=True))
 
 
 def _check_yolo_item(
@@ -438,49 +621,181 @@ def check_coco_images(
     """Verify the images a COCO JSON names (their sizes against the JSON's); bad ones skipped or refused."""
     start = time.perf_counter()
     cache = IndexCache.for_split(root, f"{split}:coco:{ann_path}", {})
+    paths = [str(r.path) for r in records]
+    stats = _stat_table(paths)
+    sizes = np.array([(r.width, r.height) for r in records], np.int64).reshape(-1, 2)
+    kept, contents, report = _check_coco_files(cache, root, ann_path, paths, sizes, stats, split, fingerprint)
+    out = []
+    for i in kept:
+        rec = records[i]
+        rec.file_size, rec.mtime_ns, rec.content = int(stats[i, 0]), int(stats[i, 1]), contents[i]
+        out.append(rec)
+    _refuse_unusable(report, out, on_bad_image, [], [], [])
+    report.seconds = time.perf_counter() - start
+    return out, report
+
+
+def _stat_table(paths: list[str]) -> np.ndarray:
+    """(size, mtime_ns) per path, (-1, -1) for a missing one, as an (n, 2) int64 table."""
+    return _int_table([stat_key(p) for p in paths])  # type: ignore[arg-type]
+
+
+def _check_coco_files(cache, root, ann_path, paths, sizes, stats, split, fingerprint):
+    """(indices of the usable images, content hash per image, report): every image verified (or its
+    per-file entry reused), its size compared with the JSON's."""
+    missing = np.flatnonzero(stats[:, 0] < 0)
+    if len(missing):
+        raise DataError(
+            f"image of `{ann_path}` `{paths[missing[0]]}` not found; check the dataset folder and the file name"
+        )
+    rel = [_rel(p, root) for p in paths]
+    cached = _all_cached_coco(cache, rel, paths, sizes, stats, split, ann_path, fingerprint)
+    if cached is not None:
+        return cached
     cache.load()
-    rel = [_rel(r.path, root) for r in records]
-    stats = [stat_key(r.path) for r in records]
-    for rec, stat in zip(records, stats, strict=True):
-        if stat[0] < 0:
-            raise DataError(f"image of `{ann_path}` `{rec.path}` not found; check the dataset folder and the file name")
-    entries, todo = _split_by_cache(cache, rel, stats, fingerprint)
+    stat_rows = [tuple(row) for row in stats.tolist()]
+    entries, todo = _split_by_cache(cache, rel, stat_rows, fingerprint)
 
     def check(i: int) -> tuple[str, dict]:
-        entry: dict = {"stat": list(stats[i])}
+        entry: dict = {"stat": list(stat_rows[i])}
         try:
-            info = verify_image(records[i].path)
+            info = verify_image(Path(paths[i]))
         except BadImage as exc:
             return rel[i], entry | {"bad": str(exc)}
         if fingerprint == "content":
-            entry["content"] = file_sha256(records[i].path)
+            entry["content"] = file_sha256(Path(paths[i]))
         return rel[i], entry | {"size": [info.width, info.height], "raw": [info.raw_width, info.raw_height]}
 
     entries |= dict(run_checks(todo, check))
-    report = CheckReport(split, images=len(records), cached=len(records) - len(todo))
-    kept = []
-    for rec, key in zip(records, rel, strict=True):
+    report = CheckReport(split, images=len(paths), cached=len(paths) - len(todo))
+    kept, contents = [], []
+    for i, (key, size) in enumerate(zip(rel, sizes.tolist(), strict=True)):
         entry = entries[key]
+        contents.append(entry.get("content") or "")
         if entry.get("bad"):
             report.bad.append((key, entry["bad"]))
             continue
-        if [rec.width, rec.height] not in (entry["size"], entry["raw"]):
+        if size not in (entry["size"], entry["raw"]):
             w, h = entry["size"]
             raise DataError(
-                f"image `{rec.path}` is {w}x{h} but `{ann_path}` says {rec.width}x{rec.height}; fix the annotation"
+                f"image `{paths[i]}` is {w}x{h} but `{ann_path}` says {size[0]}x{size[1]}; fix the annotation"
             )
-        rec.mtime_ns, rec.content = int(entry["stat"][1]), entry.get("content") or ""
-        kept.append(rec)
-    _refuse_unusable(report, kept, on_bad_image, [], [], [])
-    _save_index(report, cache, entries, bool(todo), split, start)
-    return kept, report
+        kept.append(i)
+    report.cache_file = str(cache.path)
+    if todo:
+        note = cache.save(entries)
+        if note:
+            report.notes.append(f"{split}: {note}")
+    return kept, contents, report
+
+
+def _all_cached_coco(cache, rel, paths, sizes, stats, split, ann_path, fingerprint):
+    """`_check_coco_files` in array operations, where every image has a valid per-file entry (the JSON
+    changed, its images did not: 120k entry dicts would cost more than the JSON's parse); else None."""
+    cols = cache.columns()
+    if cols is None or not len(rel):
+        return None
+    row_of = dict(zip(cols["keys"].tolist(), range(len(cols["keys"])), strict=True))
+    rows = np.fromiter((row_of.get(k, -1) for k in rel), np.int64, len(rel))
+    if (rows < 0).any() or not np.array_equal(cols["stat"][rows, :2], stats):
+        return None
+    content = cols["content"][rows]
+    if fingerprint == "content" and (content == "").any():
+        return None
+    bad = cols["bad"][rows]
+    usable = bad == ""
+    size_ok = (cols["size"][rows] == sizes).all(1) | (cols["raw"][rows] == sizes).all(1)
+    wrong = np.flatnonzero(usable & ~size_ok)
+    if len(wrong):
+        i = int(wrong[0])
+        (w, h), (jw, jh) = cols["size"][rows[i]].tolist(), sizes[i].tolist()
+        raise DataError(f"image `{paths[i]}` is {w}x{h} but `{ann_path}` says {jw}x{jh}; fix the annotation")
+    report = CheckReport(split, images=len(rel), cached=len(rel), cache_file=str(cache.path))
+    report.bad = [(rel[i], str(bad[i])) for i in np.flatnonzero(~usable).tolist()]
+    return np.flatnonzero(usable).tolist(), content.tolist(), report
+
+
+class CocoIndex:
+    """The split index of one COCO JSON: valid while the JSON and every image it names keep their (size,
+    mtime); then a start reads neither the JSON nor the per-file entries."""
+
+    def __init__(self, root: Path, ann_path: Path, split: str, options: dict) -> None:
+        self.root, self.ann_path, self.split = root, ann_path, split
+        self.cache = IndexCache.for_split(root, f"{split}:coco:{ann_path}", {})
+        self.index = SplitIndex.beside(self.cache)
+        self.settings = {"kind": "coco", "json": str(ann_path), "json_stat": list(stat_key(ann_path))} | options
+
+    def load(self, on_bad_image: str, start: float) -> Split | None:
+        snapshot = self.index.load(self.settings)
+        if snapshot is None or not np.array_equal(_stat_table(snapshot.listed), snapshot.stats):
+            return None
+        meta = snapshot.meta
+        report = report_from_meta(self.split, meta["report"], meta["names"])
+        _refuse_unusable(report, snapshot.records, on_bad_image, [], [], [])
+        report.cache_file, report.seconds = str(self.cache.path), time.perf_counter() - start
+        return self._split(snapshot.records, meta, report)
+
+    def build(self, table, meta: dict, note: str, on_bad_image: str, start: float) -> Split:
+        """Check the images of `table` (a coco.CocoTable), make the split and save its index."""
+        stats = _stat_table(table.paths)
+        kept, contents, report = _check_coco_files(
+            self.cache,
+            self.root,
+            self.ann_path,
+            table.paths,
+            table.numbers[:, :2],
+            stats,
+            self.split,
+            self.settings["fingerprint"],
+        )
+        usable = np.zeros(len(table.paths), bool)
+        usable[kept] = True
+        rows = np.flatnonzero(np.repeat(usable, table.counts))  # the boxes of the usable images
+        numbers = np.concatenate([table.numbers[kept], stats[kept]], 1)
+        content = [contents[i].encode() for i in kept]
+        records = FlatRecords.from_flat(
+            [table.paths[i] for i in kept], numbers, table.boxes[rows], table.counts[kept], table.cls[rows], content
+        )
+        _refuse_unusable(report, records, on_bad_image, [], [], [])
+        names = meta["names"]
+        report.used = len(records)
+        report.labels = int((table.raw_counts[kept] > 0).sum())
+        report.backgrounds = int((table.counts[kept] == 0).sum())
+        report.dropped_boxes = int((table.raw_counts[kept] - table.counts[kept]).sum())
+        counts = np.bincount(records.cls, minlength=len(names))
+        report.boxes = Counter({names[c]: int(k) for c, k in enumerate(counts.tolist()) if k})
+        if note:
+            report.notes.append(note)
+        saved = self.index.save(
+            self.settings, records, table.paths, stats, meta | {"report": report_meta(report, names)}
+        )
+        if saved:
+            report.notes.append(f"{self.split}: {saved}")
+        report.seconds = time.perf_counter() - start
+        return self._split(records, meta, report)
+
+    def _split(self, records: FlatRecords, meta: dict, report: CheckReport) -> Split:
+        return Split(
+            names=list(meta["names"]),
+            records=records,
+            class_to_category=list(meta["class_to_category"]),
+            base=self.root,
+            label_digest=meta["label_digest"],
+            coco_json=self.ann_path,
+            report=report,
+        )
 
 
 def fill_content_hashes(split: Split) -> None:
     """sha256 of every image that has none yet (to compare with a checkpoint fingerprinted by content)."""
-    missing = [r for r in split.records if not r.content]
-    for rec, digest in zip(missing, run_checks(missing, lambda r: file_sha256(r.path)), strict=True):
-        rec.content = digest
+    records = split.records
+    missing = [i for i, rec in enumerate(records) if not rec.content]
+    digests = run_checks(missing, lambda i: file_sha256(records[i].path))
+    for i, digest in zip(missing, digests, strict=True):
+        if isinstance(records, FlatRecords):
+            records.set_content(i, digest)
+        else:
+            records[i].content = digest
 
 
 def _rel(path: Path, root: Path) -> str:

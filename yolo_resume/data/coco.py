@@ -7,11 +7,14 @@ file, the entry and the fix, never a KeyError from deep inside pycocotools.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import json
 import math
-from collections import Counter
+import os
+import time
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from ..errors import DataError
-from .records import ImageRecord, Split, clip_boxes, empty_targets
+from .records import Split, clip_boxes, empty_targets
 
 
 def load_coco_split(
@@ -32,53 +35,96 @@ def load_coco_split(
     fingerprint: str = "stat",
 ) -> Split:
     """Load and check one split: `ann` is the JSON relative to `root` ('' = annotations/instances_<split>.json,
-    or a Roboflow export's `<split>/_annotations.coco.json`)."""
-    from .check import check_coco_images
+    or a Roboflow export's `<split>/_annotations.coco.json`). A start whose JSON and images have the (size,
+    mtime) the split index stored reads the index and not the JSON."""
+    from .check import CocoIndex
 
+    start = time.perf_counter()
     ann_path = _annotation_file(root, ann, split)
+    index = CocoIndex(root, ann_path, split, {"images": images, "names": names, "fingerprint": fingerprint})
+    cached = index.load(on_bad_image, start)
+    if cached is not None:
+        return cached
     raw = ann_path.read_bytes()
+    label_digest = hashlib.sha256(raw).hexdigest()
     data = parse_coco(raw, ann_path)
+    del raw  # the JSON text and its objects are never held together with the records
     image_dir = _image_dir(root, ann_path, images, split, data["images"])
-
     categories = trained_categories(data)
-    cat_to_cls = {c["id"]: i for i, c in enumerate(categories)}
     names = _names(names, [str(c["name"]) for c in categories], ann_path)
-
-    per_image: dict[int, list[dict]] = {img["id"]: [] for img in data["images"]}
-    for a in data["annotations"]:
-        if not a["iscrowd"]:  # crowd regions stay in the ground truth (COCOeval ignores them) only
-            per_image[a["image_id"]].append(a)
-
-    records = []
-    for img in data["images"]:
-        boxes, cls = _targets(per_image[img["id"]], cat_to_cls, img)
-        path = image_dir / img["file_name"]
-        records.append(ImageRecord(path, img["width"], img["height"], boxes, cls, img["id"]))
-    if not records:
-        raise DataError(f"annotation file `{ann_path}` lists no images; the {split} split must not be empty")
-    records, report = check_coco_images(root, ann_path, records, split, on_bad_image, fingerprint)
-    for rec in records:
-        rec.file_size = rec.path.stat().st_size
-    report.used = len(records)
-    report.labels = sum(bool(per_image[r.image_id]) for r in records)
-    report.backgrounds = sum(not len(r.boxes) for r in records)
-    report.dropped_boxes = sum(len(per_image[r.image_id]) - len(r.boxes) for r in records)
-    counts = Counter(c for r in records for c in r.cls.tolist())
-    report.boxes = Counter({names[c]: counts[c] for c in sorted(counts)})
+    note = ""
     if len(categories) < len(data["categories"]):
-        report.notes.append(
-            f"{split}: `{ann_path.name}`: category {_placeholder(data)['id']} (`{_placeholder(data)['name']}`) is the "
+        placeholder = _placeholder(data)
+        note = (
+            f"{split}: `{ann_path.name}`: category {placeholder['id']} (`{placeholder['name']}`) is the "
             "export's placeholder for the whole dataset (Roboflow), not a class: not trained"
         )
-    return Split(
-        names=names,
-        records=records,
-        class_to_category=[c["id"] for c in categories],
-        base=root,
-        label_digest=hashlib.sha256(raw).hexdigest(),
-        coco_json=ann_path,
-        report=report,
-    )
+    table = coco_table(data, {c["id"]: i for i, c in enumerate(categories)}, image_dir)
+    del data
+    release_freed_memory()
+    if not len(table.paths):
+        raise DataError(f"annotation file `{ann_path}` lists no images; the {split} split must not be empty")
+    meta = {"label_digest": label_digest, "names": names, "class_to_category": [c["id"] for c in categories]}
+    return index.build(table, meta, note, on_bad_image, start)
+
+
+def release_freed_memory() -> None:
+    """Hand the freed JSON objects' memory back to the system: glibc keeps freed heap pages resident, so the
+    parse of a 120k-image JSON would stay in the process's memory for the whole run."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to do
+        return
+    libc.malloc_trim(0)
+
+
+class CocoTable:
+    """The images and trained boxes of a COCO JSON as flat columns, in the JSON's image order."""
+
+    def __init__(self, paths, numbers, boxes, counts, cls, raw_counts) -> None:
+        self.paths: list[str] = paths
+        self.numbers: np.ndarray = numbers  # (n, 3) width, height, image id
+        self.boxes: np.ndarray = boxes  # (m, 4) float32 xyxy, clipped, with area, image by image
+        self.counts: np.ndarray = counts  # (n,) boxes per image
+        self.cls: np.ndarray = cls  # (m,)
+        self.raw_counts: np.ndarray = raw_counts  # (n,) non-crowd annotations per image, any category
+
+
+def coco_table(data: dict[str, Any], cat_to_cls: dict[int, int], image_dir: Path) -> CocoTable:
+    """Training boxes of every image at once: non-crowd annotations of the trained categories, clipped, those
+    without area dropped (`coco_gt` drops the same), in the arithmetic (float32) of `_targets`, per image in
+    annotation order."""
+    imgs, anns = data["images"], data["annotations"]
+    n, m = len(imgs), len(anns)
+    numbers = np.fromiter(chain.from_iterable((i["width"], i["height"], i["id"]) for i in imgs), np.int64, 3 * n)
+    numbers = numbers.reshape(n, 3)
+    prefix = str(image_dir) + os.sep
+    paths = [_join(prefix, image_dir, img["file_name"]) for img in imgs]
+    row_of = {img["id"]: i for i, img in enumerate(imgs)}
+    owner = np.fromiter((row_of[a["image_id"]] for a in anns), np.int64, m)
+    crowd = np.fromiter((a["iscrowd"] for a in anns), np.int64, m).astype(bool)
+    cat = np.fromiter((a["category_id"] for a in anns), np.int64, m)
+    xywh = np.fromiter(chain.from_iterable(a["bbox"] for a in anns), np.float32, 4 * m).reshape(m, 4)
+    raw_counts = np.bincount(owner[~crowd], minlength=n).astype(np.int64)
+    ids, inverse = np.unique(cat, return_inverse=True)
+    cls_all = np.array([cat_to_cls.get(c, -1) for c in ids.tolist()], np.int64)[inverse.reshape(-1)]
+    sel = ~crowd & (cls_all >= 0)
+    order = np.flatnonzero(sel)[np.argsort(owner[sel], kind="stable")]
+    owner, xywh, cls = owner[order], xywh[order], cls_all[order]
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    wh = numbers[owner, :2].astype(np.float32)
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, wh[:, :1])  # records.clip_boxes, per row bounds
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, wh[:, 1:])
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    counts = np.bincount(owner[keep], minlength=n).astype(np.int64)
+    return CocoTable(paths, numbers, boxes[keep], counts, cls[keep], raw_counts)
+
+
+def _join(prefix: str, folder: Path, name: str) -> str:
+    """str(folder / name), without a Path object where the name is a plain relative path."""
+    if name[:1] != "/" and "//" not in name and "./" not in name and not name.endswith(("/", "/.")) and name != ".":
+        return prefix + name
+    return str(folder / name)
 
 
 def _targets(anns: list[dict], cat_to_cls: dict[int, int], img: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +212,9 @@ def _image_dir(root: Path, ann_path: Path, images: str, split: str, entries: lis
 
 
 def parse_coco(raw: bytes, path: Path) -> dict[str, Any]:
-    """Validated COCO dict, with `id`, `area` and `iscrowd` filled in where an exporter left them out."""
+    """Validated COCO dict, with `id`, `area` and `iscrowd` filled in where an exporter left them out. The
+    entries json.loads made are checked and completed in place (a copy of each would double the memory of a
+    120k-image JSON for the time of the check)."""
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -186,15 +234,23 @@ def parse_coco(raw: bytes, path: Path) -> dict[str, Any]:
         raise DataError(f"annotation file `{path}` has an empty `categories` list")
 
     check = _Checker(path)
-    images = [check.image(i, img) for i, img in enumerate(data["images"])]
-    categories = [check.category(i, cat) for i, cat in enumerate(data["categories"])]
+    images = data["images"]
+    for i, img in enumerate(images):
+        check.image(i, img)
+    for i, cat in enumerate(data["categories"]):
+        check.category(i, cat)
     image_ids = check.unique("images", [img["id"] for img in images])
-    cat_ids = check.unique("categories", [c["id"] for c in categories])
-    anns = [check.annotation(i, a, image_ids, cat_ids) for i, a in enumerate(data.get("annotations", []))]
+    cat_ids = check.unique("categories", [c["id"] for c in data["categories"]])
+    anns = data.setdefault("annotations", [])
+    for i, a in enumerate(anns):
+        check.annotation(i, a, image_ids, cat_ids)
     if len({a["id"] for a in anns}) != len(anns):  # pycocotools indexes by id: renumber rather than lose some
         for i, a in enumerate(anns):
             a["id"] = i + 1
-    return {**data, "images": images, "categories": categories, "annotations": anns}
+    return data
+
+
+_REAL = frozenset({int, float})
 
 
 class _Checker:
@@ -218,7 +274,7 @@ class _Checker:
     def _entry(self, where: str, entry: Any) -> dict:
         if not isinstance(entry, dict):
             raise self.fail(where, f"must be an object, got {type(entry).__name__}")
-        return dict(entry)
+        return entry
 
     def image(self, i: int, entry: Any) -> dict:
         where = f"images[{i}]"
@@ -246,6 +302,35 @@ class _Checker:
         return seen
 
     def annotation(self, i: int, entry: Any, image_ids: set[int], cat_ids: set[int]) -> dict:
+        """The checks below, and first the same checks of the common case in as few steps as Python allows
+        (860k annotations): where any of them fails, the full path names what is wrong."""
+        if type(entry) is dict:
+            image_id, cat, bbox = entry.get("image_id"), entry.get("category_id"), entry.get("bbox")
+            if (
+                type(image_id) is int
+                and type(cat) is int
+                and type(bbox) is list
+                and len(bbox) == 4
+                and image_id in image_ids
+                and cat in cat_ids
+            ):
+                x, y, w, h = bbox
+                if (
+                    type(x) in _REAL
+                    and type(y) in _REAL
+                    and type(w) in _REAL
+                    and type(h) in _REAL
+                    and math.isfinite(x + y + w + h)  # overflow or nan: the full path decides
+                ):
+                    entry["bbox"] = bbox = [float(x), float(y), float(w), float(h)]
+                    crowd = entry.get("iscrowd", 0)
+                    entry["iscrowd"] = crowd if type(crowd) is int and crowd in (0, 1) else int(bool(crowd))
+                    entry.setdefault("area", bbox[2] * bbox[3])
+                    entry.setdefault("id", i + 1)
+                    return entry
+        return self._annotation(i, entry, image_ids, cat_ids)
+
+    def _annotation(self, i: int, entry: Any, image_ids: set[int], cat_ids: set[int]) -> dict:
         where = f"annotations[{i}]"
         ann = self._entry(where, entry)
         ann["image_id"] = self._int(where, ann, "image_id")

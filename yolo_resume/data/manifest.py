@@ -14,15 +14,18 @@ import os
 import tempfile
 from pathlib import Path
 
-from .records import Split, _rel
+from .records import Split, _rel, record_columns
 
 MANIFEST_DIR = "datasets"
 _SHOWN = 5  # files named per kind of change
 
 
 def split_manifest(split: Split) -> dict:
-    images = {_rel(r.path, split.base): [r.file_size, r.mtime_ns, r.content] for r in split.records}
-    labels = dict(split.label_files)
+    rels, sizes, mtimes, contents = record_columns(split)
+    images = {
+        rel: [size, mtime, content] for rel, size, mtime, content in zip(rels, sizes, mtimes, contents, strict=True)
+    }
+    labels = dict(split.label_files.items())
     if split.coco_json is not None:
         labels = {_rel(split.coco_json, split.base): split.label_digest}
     return {"base": str(split.base), "images": images, "labels": labels}
