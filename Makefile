@@ -39,8 +39,9 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PYTEST) -m slow
 
-# Quick mode (about 30 minutes on 2 cores): training throughput, memory, checkpoint cost, resume latency
-# and accuracy over 4 seeds vs the ultralytics trainer, plus the checkpoint micro-benchmark; see BENCHMARKS.md.
+# Quick mode (about 40 minutes on 2 cores): training throughput, memory, checkpoint cost, resume latency, the
+# dataset index and the data pipeline, and accuracy over 4 seeds vs the ultralytics trainer, plus the checkpoint
+# micro-benchmark; see BENCHMARKS.md.
 bench: $(STAMP)
 	$(PY) scripts/bench_all.py
 

@@ -4,11 +4,12 @@ commit / load micro-benchmark (bench_checkpoint.py), and accuracy over seeds (be
 figure is a ratio against a baseline measured in the same run; runs of the two sides are interleaved and
 medians taken (accuracy: means over seeds with the spread).
 
-Quick mode (default) takes about 5 minutes for the speed, memory and checkpoint parts and about 25 more
+Quick mode (default) takes about 5 minutes for the speed, memory and checkpoint parts, about 6 for the
+dataset index (bench_data.py --quick), about 5 for the data pipeline (bench_pipeline.py) and about 25 more
 for accuracy on 2 CPU cores (`--only train,resume,checkpoint` leaves accuracy out); `--full` runs bigger
 images, more epochs and more repeats. Prints markdown tables to stdout; `--json OUT` writes every raw number.
 
-Usage: python scripts/bench_all.py [--full] [--repeats N] [--only train,resume,checkpoint,accuracy]
+Usage: python scripts/bench_all.py [--full] [--repeats N] [--only train,resume,checkpoint,data,pipeline,accuracy]
        [--dir DIR] [--json OUT]
 """
 
@@ -51,6 +52,13 @@ def run_accuracy_bench(work: Path, env: dict, full: bool) -> dict:
     return json.loads(out.read_text())[-1]
 
 
+def run_script_output(name: str, args: list[str], env: dict) -> str:
+    """A data benchmark (bench_data.py, bench_pipeline.py) in a child: its printed tables, verbatim."""
+    cmd = [sys.executable, str(REPO / "scripts" / name), *args]
+    done = subprocess.run(cmd, env=env, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
+    return done.stdout
+
+
 def checkpoint_table(c: dict) -> str:
     m = c["median_s"]
     return "\n".join(
@@ -75,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="bigger images, more epochs and repeats (much longer)")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per measure (quick 3/5/3, full 5/7/5)")
-    parser.add_argument("--only", default="train,resume,checkpoint,accuracy")
+    parser.add_argument("--only", default="train,resume,checkpoint,data,pipeline,accuracy")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one in ./runs)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument("--json", type=Path, default=None)
@@ -114,6 +122,12 @@ def main() -> None:
             t0 = time.time()
             result["checkpoint"] = run_checkpoint_bench(work, env, reps["checkpoint"])
             result["checkpoint"]["elapsed_s"] = time.time() - t0
+        if "data" in only:
+            log("dataset index, COCO JSON, loader memory vs ultralytics (bench_data.py) ...")
+            result["data"] = run_script_output("bench_data.py", [] if args.full else ["--quick"], env)
+        if "pipeline" in only:
+            log("training data pipeline items/s vs ultralytics (bench_pipeline.py) ...")
+            result["pipeline"] = run_script_output("bench_pipeline.py", ["--full"] if args.full else [], env)
         if "accuracy" in only:
             log("accuracy vs ultralytics, 4 seeds per tool and setup (bench_accuracy.py) ...")
             result["accuracy"] = run_accuracy_bench(work, env, args.full)
@@ -166,6 +180,12 @@ def report(result: dict) -> str:
             "",
             checkpoint_table(c),
         ]
+    for key, title in (
+        ("data", "Dataset index, COCO JSON, loader memory (bench_data.py)"),
+        ("pipeline", "Training data pipeline (bench_pipeline.py)"),
+    ):
+        if key in result:
+            lines += ["", f"## {title}", "", "```", result[key].rstrip(), "```"]
     if "accuracy" in result:
         a = result["accuracy"]
         lines += [
