@@ -537,7 +537,10 @@ def _open_filesystem(url: str, storage_options: dict[str, Any]) -> tuple[Any, st
     except ImportError:  # pragma: no cover - fsspec is a dependency
         raise CheckpointError(f"ckpt.dir {url} needs fsspec; pip install fsspec") from None
     try:
-        return fsspec.core.url_to_fs(url, **storage_options)
+        # A fresh filesystem, not fsspec's cached instance for these arguments: that one keeps the endpoint and
+        # credentials the environment had when it was first made (in a long-lived process, or another store
+        # opened earlier with the same options), which may point at a server that is gone.
+        return fsspec.core.url_to_fs(url, **{"skip_instance_cache": True, **storage_options})
     except ImportError as exc:
         raise CheckpointError(
             f"ckpt.dir {url} needs a storage backend that is not installed ({_one_line(exc)}); "
