@@ -49,16 +49,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-AUGMENT = {
-    "mosaic": 1.0,
-    "close_mosaic": 0,
-    "scale": 0.5,
-    "translate": 0.1,
-    "fliplr": 0.5,
-    "hsv_h": 0.015,
-    "hsv_s": 0.7,
-    "hsv_v": 0.4,
-}
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_train import AUGMENT  # noqa: E402  (ultralytics' default augmentation, the same in every bench)
+
 NAMES = ["a", "b", "c"]
 WIDTH, HEIGHT = 640, 480
 BATCH, WORKERS = 16, 2

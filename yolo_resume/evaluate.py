@@ -49,6 +49,14 @@ def to_original_xywh(boxes: np.ndarray, ratio_pad, ori_shape) -> np.ndarray:
 IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
 
 
+def image_truth(batch: dict, i: int, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image `i` of a collated batch: its classes and its boxes as letterboxed-pixel xyxy (CPU float)."""
+    mine = batch["batch_idx"] == i
+    xywh = batch["bboxes"][mine].float().cpu() * scale
+    xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+    return batch["cls"][mine].view(-1).cpu(), xyxy
+
+
 class UltralyticsStyleAP:
     """Ultralytics' validation metric over letterboxed boxes, built from its own matching and AP functions."""
 
@@ -61,10 +69,7 @@ class UltralyticsStyleAP:
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         for i, det in enumerate(dets):
             det = det.float().cpu()
-            mine = batch["batch_idx"] == i
-            true_cls = batch["cls"][mine].view(-1)
-            xywh = batch["bboxes"][mine] * scale
-            true_xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+            true_cls, true_xyxy = image_truth(batch, i, scale)
             if len(det) and len(true_cls):
                 iou = box_iou(true_xyxy, det[:, :4])
                 tp = BaseValidator.match_predictions(self._matcher, det[:, 5], true_cls, iou).numpy()

@@ -227,16 +227,14 @@ class ValPictures:
 
     def update(self, dets: list[torch.Tensor], batch: dict) -> None:
         """One batch: `dets` per image (letterboxed xyxy, conf, cls), `batch` the collated ground truth."""
+        from .evaluate import image_truth  # evaluate imports this module
+
         height, width = batch["img"].shape[2:]
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         for i, det in enumerate(dets):
             det = det.float().cpu()
-            mine = batch["batch_idx"] == i
-            xywh = batch["bboxes"][mine].float().cpu() * scale
-            truth = {
-                "cls": batch["cls"][mine].view(-1).cpu(),
-                "bboxes": torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1),
-            }
+            true_cls, true_xyxy = image_truth(batch, i, scale)
+            truth = {"cls": true_cls, "bboxes": true_xyxy}
             found = {"bboxes": det[:, :4], "conf": det[:, 4], "cls": det[:, 5]}
             self.matrix.process_batch(found, truth, conf=CONFUSION_CONF, iou_thres=CONFUSION_IOU)
         if self.first_labels is None:

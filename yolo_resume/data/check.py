@@ -264,15 +264,21 @@ class IndexCache:
             "rows": np.concatenate(rows) if rows else _NO_ROWS,
         }
         cols |= {f: np.array([e.get(f) or "" for e in values], dtype=str) for f in _TEXT_FIELDS}
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".npz")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **cols)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            return f"index cache not saved ({exc})"
-        return ""
+        return _save_npz(self.path, cols, "index cache")
+
+
+def _save_npz(path: Path, cols: dict[str, np.ndarray], what: str) -> str:
+    """Write `cols` to `path` through a temporary sibling and a rename (a kill leaves the old file or the
+    new one); returns '' or why it could not be written (an index is a cache: never fatal)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **cols)
+        os.replace(tmp, path)
+    except OSError as exc:
+        return f"{what} not saved ({exc})"
+    return ""
 
 
 _TEXT_FIELDS = ("label_sha", "bad", "content", "upper")
@@ -349,15 +355,7 @@ class SplitIndex:
         cols |= label_files.columns() if label_files is not None else {}
         cols |= {"listed_blob": blob, "listed_offsets": offsets, "listed_stats": np.asarray(stats, np.int64)}
         cols["meta"] = np.frombuffer(json.dumps(body, separators=(",", ":")).encode(), np.uint8)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".npz")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **cols)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            return f"split index not saved ({exc})"
-        return ""
+        return _save_npz(self.path, cols, "split index")
 
 
 def report_meta(report: CheckReport, names: list[str]) -> dict:
