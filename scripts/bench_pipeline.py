@@ -21,13 +21,14 @@ Figures, per imgsz (640 and 320):
   moved by other work on the machine;
 - CPU ms per item and JPEG decodes per item in one process (no workers): process CPU time over a run
   of items in the loader's order, and the decode calls counted by wrapping each tool's image reader.
-Our variants (--variants): `ours` (the default, `augment.mosaic_window: 0`: mosaic partners drawn from
-the whole split), `ours-window` (`augment.mosaic_window: 16`: partners from the item's block of 16
-positions of the epoch order, ~1 decode per item).
+Our variants (--variants): `ours` (the default, `augment.mosaic_window: 128`: mosaic partners from the
+item's block of 128 positions of the epoch order, the size of ultralytics' buffer at batch 16, decoded
+once into a cache the workers share), `ours-uniform` (`augment.mosaic_window: 0`: partners from the
+whole split, ~4 decodes per item), `ours-window16` (`augment.mosaic_window: 16`).
 The machine may be shared: ratios of interleaved runs are the figures to read, not absolute rates.
 
 Usage: python scripts/bench_pipeline.py [--full] [--images N] [--repeats R] [--sizes 640,320]
-       [--variants ours,ours-window] [--data DIR] [--json OUT]
+       [--variants ours,ours-uniform,ours-window16] [--data DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def random_labels(rng: np.random.Generator) -> str:
 
 
 # -- the two pipelines -----------------------------------------------------------------------------------
-VARIANTS = {"ours": 0, "ours-window": 16}  # name: augment.mosaic_window (0: the default, uniform partners)
+VARIANTS = {"ours": 128, "ours-uniform": 0, "ours-window16": 16}  # name: augment.mosaic_window (ours: the default)
 
 
 class Ours:

@@ -167,3 +167,22 @@ def test_resuming_an_old_run_with_its_config_file_keeps_its_recipe(tmp_path):
     fresh = load_config(config)
     _keep_stored_recipe(fresh, config, current)  # a run of this version: nothing to keep
     assert fresh == load_config(config)
+
+
+def test_a_run_saved_before_windowed_partners_resumes_with_partners_from_the_whole_split(tmp_path):
+    from yolo_resume.config import load_config
+    from yolo_resume.session import _keep_stored_recipe
+
+    stored = from_dict({}).to_dict()
+    assert stored["augment"]["mosaic_window"] == 128  # today's default
+    del stored["augment"]["mosaic_window"]
+    assert from_stored(stored, "test").augment.mosaic_window == 0
+    config = tmp_path / "old.yaml"
+    config.write_text("augment:\n  fliplr: 0.5\n")
+    cfg = load_config(config)
+    _keep_stored_recipe(cfg, config, stored)
+    assert cfg.augment.mosaic_window == 0  # not named in the file: the run's own rule
+    config.write_text("augment:\n  mosaic_window: 64\n")
+    named = load_config(config)
+    _keep_stored_recipe(named, config, stored)
+    assert named.augment.mosaic_window == 64  # named in the file: the user's choice wins

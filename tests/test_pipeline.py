@@ -19,7 +19,7 @@ from yolo_resume.data import augment as aug
 
 IMGSZ = 64
 COUNT = 32
-AUG = AugmentConfig(mosaic=1.0, close_mosaic=0)  # every other setting: the defaults (flip, HSV, scale, shift)
+AUG = AugmentConfig(mosaic=1.0, close_mosaic=0, mosaic_window=0)  # partners from the whole split; flip, HSV, ...: defaults
 WINDOW = 16
 WINDOWED = AugmentConfig(mosaic=1.0, close_mosaic=0, mosaic_window=WINDOW)
 
@@ -214,7 +214,7 @@ def test_a_fetched_batch_is_collated_without_a_copy(split):
     assert collate_fn(items[2:5])["img"].data_ptr() != items[2]["img"].data_ptr()  # a part: stacked
 
 
-def test_default_partners_come_from_the_whole_split(split):
+def test_uniform_partners_come_from_the_whole_split(split):
     ds = dataset(split)
     order = epoch_permutation(COUNT, 3, 0).tolist()
     far = 0
@@ -225,6 +225,75 @@ def test_default_partners_come_from_the_whole_split(split):
         far += any(order.index(p) // WINDOW != window for p in partners)
     assert far > 0
     assert same_item(ds[(1, 3)], dataset(split)[(1, 3)])
+
+
+def test_the_default_draws_partners_from_a_window_of_the_order_through_the_shared_cache(split):
+    ds = dataset(split, AugmentConfig(mosaic=1.0, close_mosaic=0))
+    assert ds.augment.mosaic_window == 128 and ds._shared is not None  # 128 >= COUNT: the whole split but itself
+    order = epoch_permutation(COUNT, 3, 0)
+    assert all(index not in ds.mosaic_partners(0, int(index), (0.0, 0.5, 0.999)) for index in order)
+
+
+SMALL_WINDOW = AugmentConfig(mosaic=1.0, close_mosaic=0, mosaic_window=4)  # 8 shared slots for 32 images
+
+
+def count_decodes(monkeypatch) -> list[int]:
+    calls = [0]
+    real = aug.decode
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(aug, "decode", counted)
+    return calls
+
+
+def test_the_shared_cache_reuses_its_slots_and_changes_no_item(split, monkeypatch):
+    private = dataset(split, SMALL_WINDOW)
+    private._shared = None  # every tile from this process's own decodes
+    keys = [(e, int(i)) for e in (0, 1) for i in epoch_permutation(COUNT, 3, e)]
+    reference = [private[k] for k in keys]
+    decodes = count_decodes(monkeypatch)
+    shared = dataset(split, SMALL_WINDOW)
+    assert shared._shared is not None and shared._shared.slots == 8
+    assert all(same_item(shared[k], ref) for k, ref in zip(keys, reference, strict=True))
+    # 4 tiles per item, but in order each image is decoded at most once per epoch: its window's slots hold it
+    assert decodes[0] <= len(keys)
+
+
+def test_an_item_whose_tiles_were_overwritten_while_read_is_redone_from_its_own_decodes(split, monkeypatch):
+    reference = dataset(split, SMALL_WINDOW)[(0, 5)]
+    ds = dataset(split, SMALL_WINDOW)
+    cache, real = ds._shared, aug.compose
+    other_worker = [True]
+
+    def compose_while_another_worker_rewrites_every_slot(images, *args):
+        if other_worker.pop() if other_worker else False:
+            for slot in range(cache.slots):
+                cache.put(slot, 10_000 + slot, np.zeros((IMGSZ, IMGSZ, 3), np.uint8))
+        return real(images, *args)
+
+    monkeypatch.setattr(aug, "compose", compose_while_another_worker_rewrites_every_slot)
+    assert same_item(ds[(0, 5)], reference)
+
+
+def test_an_image_put_by_one_process_is_read_by_another():
+    import multiprocessing
+
+    from yolo_resume.data.shared_cache import SharedImageCache
+
+    cache = SharedImageCache(slots=2, slot_bytes=4 * 5 * 3)
+    img = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    child = multiprocessing.get_context("fork").Process(target=cache.put, args=(1, 7, img))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert cache.get(0, 7) is None and cache.get(1, 6) is None
+    got, lease = cache.get(1, 7)
+    assert np.array_equal(got, img) and not got.flags.writeable and cache.unchanged([lease])
+    cache.put(1, 8, img[::-1].copy())
+    assert not cache.unchanged([lease]) and cache.get(1, 7) is None
 
 
 @pytest.mark.parametrize("orientation", [1, 3, 6])

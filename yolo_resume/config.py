@@ -137,11 +137,11 @@ class AugmentConfig:
     mosaic: float = opt(1.0, "Probability of a 4-image mosaic.")
     close_mosaic: int = opt(10, "Disable mosaic for the last N epochs.")
     mosaic_window: int = opt(
-        0,
-        "Where an item's 3 mosaic partners come from. 0: any image of the split (ultralytics-like accuracy). N >= 2: "
-        "the other images of its block of N consecutive positions in the epoch's sample order, so a batch of a "
-        "multiple of N decodes each image once (16: 1.4x ultralytics' items/s at 640 px on 30k images, but lower "
-        "mAP on the accuracy bench; BENCHMARKS.md).",
+        128,
+        "Where an item's 3 mosaic partners come from: the other images of its block of N consecutive positions in "
+        "the epoch's sample order (128: the size of ultralytics' mosaic buffer at batch 16), decoded once into a "
+        "cache all data-loader workers share (2N images at imgsz: 315 MB at 640 px). 0: any image of the split "
+        "(~4 JPEG decodes per item instead of ~1). Runs saved before this key existed resume with 0.",
     )
 
 
@@ -325,22 +325,28 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 
 # What a config stored by an older yolo-resume meant when it lacks a key (checkpoint configs are complete,
 # so a missing key means "saved before this key existed"): the recipe the run was trained with.
-def legacy_recipe(train: dict[str, Any]) -> dict[str, Any]:
-    """Before 0.2.0 (no `lr_decay_every`): per-batch decay, Adam beta1 warmup, no bias warmup for Adam, fixed
-    accumulation windows."""
-    if "lr_decay_every" in train:
-        return {}
-    legacy = {"lr_decay_every": "batch", "warmup_beta1": True, "accumulate_ramp": False}
-    if train.get("optimizer", "SGD") != "SGD":
-        legacy["warmup_bias_lr"] = 0.0
+def legacy_recipe(stored: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per section, the keys an older run meant differently from today's defaults:
+    - before 0.2.0 (no `train.lr_decay_every`): per-batch decay, Adam beta1 warmup, no bias warmup for
+      Adam, fixed accumulation windows;
+    - before windowed mosaic partners became the default (no `augment.mosaic_window`): partners from the
+      whole split (0), so the resumed items are the ones the run would have had."""
+    legacy: dict[str, dict[str, Any]] = {}
+    train, augment = (stored.get(k) if isinstance(stored.get(k), dict) else None for k in ("train", "augment"))
+    if train is not None and "lr_decay_every" not in train:
+        legacy["train"] = {"lr_decay_every": "batch", "warmup_beta1": True, "accumulate_ramp": False}
+        if train.get("optimizer", "SGD") != "SGD":
+            legacy["train"]["warmup_bias_lr"] = 0.0
+    if augment is not None and "mosaic_window" not in augment:
+        legacy["augment"] = {"mosaic_window": 0}
     return legacy
 
 
 def from_stored(raw: dict[str, Any], source: str) -> Config:
     """The config saved in a checkpoint, with the meaning it had when it was saved (see `legacy_recipe`),
-    so that a run started by an older version resumes with the schedule it was trained with."""
-    if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
-        raw = dict(raw, train=raw["train"] | legacy_recipe(raw["train"]))
+    so that a run started by an older version resumes with the schedule and items it was trained with."""
+    if isinstance(raw, dict):
+        raw = dict(raw) | {section: raw[section] | keys for section, keys in legacy_recipe(raw).items()}
     return from_dict(raw, source)
 
 

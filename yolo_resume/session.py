@@ -364,15 +364,17 @@ def _fit_and_log_the_end(trainer: Trainer, resumed_from: str | None) -> int:
 
 
 def _keep_stored_recipe(cfg: Config, config: Path, stored: dict) -> None:
-    """Resuming a run of an older version with a config file: train keys the file does not set keep the
-    meaning they had for that run (config.legacy_recipe), instead of this version's new defaults."""
+    """Resuming a run of an older version with a config file: keys the file does not set keep the meaning
+    they had for that run (config.legacy_recipe), instead of this version's new defaults."""
     try:
-        named = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("train") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
+        named = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
         return  # load_config has already read this file; nothing more to learn from it
-    for key, value in legacy_recipe(stored.get("train") or {}).items():
-        if key not in named:
-            setattr(cfg.train, key, value)
+    for section, keys in legacy_recipe(stored).items():
+        given = named.get(section) if isinstance(named, dict) else None
+        for key, value in keys.items():
+            if not isinstance(given, dict) or key not in given:
+                setattr(getattr(cfg, section), key, value)
 
 
 def _keep_resolved_optimizer(cfg: Config, stored: Config) -> None:

@@ -8,7 +8,6 @@ same bytes.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any
 
@@ -23,6 +22,7 @@ from . import augment as aug
 from .coco import coco_gt
 from .records import ImageRecord, Split, fingerprint
 from .sampler import epoch_permutation
+from .shared_cache import SharedImageCache, shared_uint8
 
 _ITEM_STREAM = 0x17E4  # spawn-key tag: item augmentation (the sampler uses another tag)
 
@@ -58,8 +58,10 @@ class DetectionDataset(Dataset):
         self.epochs = epochs
         # Decoded, resized images, most recently used last. Decoding is a pure function of the file,
         # so the cache changes no output; it spares re-decoding the 3 mosaic partners of each item.
-        self._decoded: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._decoded_lru: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._decoded_bytes = 0
+        # Windowed partners: one cache shared by all workers instead (made here, before they fork).
+        self._shared = self._shared_cache()
         self._out: np.ndarray | None = None  # see _scratch
         self._order: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, order, position of each index)
 
@@ -124,21 +126,25 @@ class DetectionDataset(Dataset):
         }
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """BGR image resized to long side imgsz, with its boxes in the resized pixels (read-only arrays)."""
-        if index in self._decoded:
-            self._decoded.move_to_end(index)
-            return self._decoded[index]
-        rec = self.records[index]
-        img, ratio = aug.load_resized(rec, self.imgsz)
-        loaded = (img, rec.boxes * np.float32(ratio), rec.cls)
+        """`_decoded(index)`, through this process's cache of recently decoded images."""
+        if index in self._decoded_lru:
+            self._decoded_lru.move_to_end(index)
+            return self._decoded_lru[index]
+        loaded = self._decoded(index)
         for array in loaded:
             array.flags.writeable = False  # shared through the cache: an in-place edit would leak
-        self._decoded[index] = loaded
-        self._decoded_bytes += img.nbytes
-        while self._decoded_bytes > DECODED_CACHE_BYTES and len(self._decoded) > 1:
-            _, (old, _, _) = self._decoded.popitem(last=False)
+        self._decoded_lru[index] = loaded
+        self._decoded_bytes += loaded[0].nbytes
+        while self._decoded_bytes > DECODED_CACHE_BYTES and len(self._decoded_lru) > 1:
+            _, (old, _, _) = self._decoded_lru.popitem(last=False)
             self._decoded_bytes -= old.nbytes
         return loaded
+
+    def _decoded(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """BGR image resized to long side imgsz, with its boxes in the resized pixels."""
+        rec = self.records[index]
+        img, ratio = aug.load_resized(rec, self.imgsz)
+        return img, rec.boxes * np.float32(ratio), rec.cls
 
     def _letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img, boxes, cls = self._load(index)
@@ -152,20 +158,48 @@ class DetectionDataset(Dataset):
         cfg = self.augment
         assert cfg is not None
         p = aug.draw_params(item_rng(self.seed, epoch, index), cfg)
-        if self.mosaic_enabled(epoch) and p.mosaic_u < cfg.mosaic:
-            tiles = [self._load(i) for i in (index, *self.mosaic_partners(epoch, index, p.partner_u))]
-            offsets = aug.mosaic_offsets([img.shape for img, _, _ in tiles], self.imgsz, p.center)
-            canvas = (2 * self.imgsz, 2 * self.imgsz)
-        else:
-            tiles = [self._load(index)]
-            offsets, canvas = [(0, 0)], (tiles[0][0].shape[1], tiles[0][0].shape[0])
+        mosaic = self.mosaic_enabled(epoch) and p.mosaic_u < cfg.mosaic
+        indices = (index, *self.mosaic_partners(epoch, index, p.partner_u)) if mosaic else (index,)
         out = self._scratch()
-        maps = aug.compose([t[0] for t in tiles], offsets, canvas, p.scale, p.translate, p.flip, out)
+        for shared in (self._shared is not None, False):
+            tiles, leases = self._tiles(epoch, indices, shared)
+            if mosaic:
+                offsets = aug.mosaic_offsets([img.shape for img, _, _ in tiles], self.imgsz, p.center)
+                canvas = (2 * self.imgsz, 2 * self.imgsz)
+            else:
+                offsets, canvas = [(0, 0)], (tiles[0][0].shape[1], tiles[0][0].shape[0])
+            maps = aug.compose([t[0] for t in tiles], offsets, canvas, p.scale, p.translate, p.flip, out)
+            if not leases or self._shared.unchanged(leases):
+                break  # else another worker began rewriting a tile's slot while we read it: redo from our own decodes
         before = [aug.place_boxes(b, off, canvas) for (_, b, _), off in zip(tiles, offsets, strict=True)]
         moved = np.concatenate([aug.transform_boxes(b, m, self.imgsz) for b, m in zip(before, maps, strict=True)])
         boxes, cls = np.concatenate(before), np.concatenate([c for _, _, c in tiles])
         keep = aug.keep_boxes(boxes, moved, p.scale)
         return aug.hsv_jitter(out, p.hsv), moved[keep], cls[keep]
+
+    def _tiles(self, epoch: int, indices: tuple[int, ...], shared: bool) -> tuple[list, list[tuple[int, int]]]:
+        """The decoded images of `indices` with their boxes, and the leases of those read from the shared
+        cache (`shared`: windowed partners), else from this process's own cache."""
+        if not shared:
+            return [self._load(i) for i in indices], []
+        assert self._shared is not None
+        _, position = self._epoch_order(epoch)
+        tiles, leases = [], []
+        for i in indices:
+            slot = int(position[i]) % self._shared.slots  # a window's images never share a slot (see shared_cache)
+            got = self._shared.get(slot, i)
+            if got is None:
+                img, _, _ = loaded = self._decoded(i)
+                got = self._shared.put(slot, i, img)
+                if got is None:  # another worker is writing that slot: use our own copy
+                    tiles.append(loaded)
+                    continue
+            img, lease = got
+            rec = self.records[i]
+            ratio = aug.letterbox_geometry(rec.width, rec.height, self.imgsz)[0]
+            tiles.append((img, rec.boxes * np.float32(ratio), rec.cls))
+            leases.append(lease)
+        return tiles, leases
 
     def mosaic_partners(self, epoch: int, index: int, partner_u: tuple[float, ...]) -> tuple[int, ...]:
         """The other mosaic images of item (epoch, index), by the `augment.mosaic_window` rule."""
@@ -177,6 +211,14 @@ class DetectionDataset(Dataset):
         start = min(pos // size * size, n - size)  # the short tail of the order joins the window before it
         picks = (start + min(int(u * (size - 1)), size - 2) for u in partner_u)  # a window position but pos
         return tuple(int(order[q + (q >= pos)]) for q in picks)
+
+    def _shared_cache(self) -> SharedImageCache | None:
+        """Two windows of decoded training images, shared by the workers (windowed partners only: with
+        partners from the whole split nothing would be found in it)."""
+        window = self.augment.mosaic_window if self.augment is not None else 0
+        if window < 2 or len(self) < 2:
+            return None
+        return SharedImageCache(slots=min(2 * window, len(self)), slot_bytes=self.imgsz * self.imgsz * 3)
 
     def _scratch(self) -> np.ndarray:
         """One imgsz x imgsz x 3 buffer per process, reused by every item: a fresh one each time costs
@@ -198,11 +240,7 @@ class DetectionDataset(Dataset):
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised uint8 tensor; in a data-loader worker, in shared memory (as torch's default_collate
     does), so sending the batch to the main process does not copy it there first."""
-    elem = torch.empty(0, dtype=torch.uint8)
-    if get_worker_info() is None:
-        return elem.new_empty(shape)
-    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
-    return elem.new(storage).resize_(*shape)
+    return torch.empty(shape, dtype=torch.uint8) if get_worker_info() is None else shared_uint8(shape)
 
 
 def _xyxy_to_normalized_xywh(boxes: np.ndarray, imgsz: int) -> np.ndarray:
