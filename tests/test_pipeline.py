@@ -16,10 +16,13 @@ from torch.utils.data import DataLoader
 from yolo_resume.config import AugmentConfig, DataConfig
 from yolo_resume.data import DetectionDataset, EpochBatchSampler, collate_fn, epoch_permutation, load_split
 from yolo_resume.data import augment as aug
+from yolo_resume.data.dataset import window_block
 
 IMGSZ = 64
 COUNT = 32
-AUG = AugmentConfig(mosaic=1.0, close_mosaic=0, mosaic_window=0)  # partners from the whole split; flip, HSV, ...: defaults
+AUG = AugmentConfig(
+    mosaic=1.0, close_mosaic=0, mosaic_window=0
+)  # partners from the whole split; flip, HSV, ...: defaults
 WINDOW = 16
 WINDOWED = AugmentConfig(mosaic=1.0, close_mosaic=0, mosaic_window=WINDOW)
 
@@ -91,11 +94,23 @@ def test_mosaic_partners_come_from_the_items_window_of_the_epoch_order(split):
         for pos, index in enumerate(order):
             u = tuple(np.random.default_rng([epoch, int(index)]).random(3))
             partners = ds.mosaic_partners(epoch, int(index), u)
-            start = pos // window * window
-            assert set(partners) <= set(order[start : start + window].tolist()) - {int(index)}
+            start, size = window_block(pos, COUNT, window)
+            assert set(partners) <= set(order[start : start + size].tolist()) - {int(index)}
     # across epochs an image meets every other image
     met = {p for e in range(60) for p in ds.mosaic_partners(e, 0, (0.1, 0.5, 0.9))}
     assert len(met) > COUNT // 2
+
+
+@pytest.mark.parametrize("n", [2, 3, 31, 32, 33, 200, 1000])
+@pytest.mark.parametrize("window", [2, 4, 16, 128])
+def test_partner_blocks_cut_the_order_into_near_equal_pieces(n, window):
+    blocks = sorted({window_block(pos, n, window) for pos in range(n)})
+    assert all(start <= pos < start + size for pos in range(n) for start, size in [window_block(pos, n, window)])
+    assert blocks[0][0] == 0 and sum(size for _, size in blocks) == n  # contiguous, no overlap (sorted starts)
+    assert all(a + la == b for (a, la), (b, _) in zip(blocks, blocks[1:], strict=False))
+    sizes = [size for _, size in blocks]
+    assert min(sizes) >= 2 and max(sizes) - min(sizes) <= 1
+    assert len(blocks) == max(1, min(int(n / window + 0.5), n // 2))  # n / window rounded, half up
 
 
 def test_rank_batches_are_contiguous_pieces_of_the_order():
@@ -234,7 +249,7 @@ def test_the_default_draws_partners_from_a_window_of_the_order_through_the_share
     assert all(index not in ds.mosaic_partners(0, int(index), (0.0, 0.5, 0.999)) for index in order)
 
 
-SMALL_WINDOW = AugmentConfig(mosaic=1.0, close_mosaic=0, mosaic_window=4)  # 8 shared slots for 32 images
+SMALL_WINDOW = AugmentConfig(mosaic=1.0, close_mosaic=0, mosaic_window=4)  # 10 shared slots for 32 images
 
 
 def count_decodes(monkeypatch) -> list[int]:
@@ -256,7 +271,7 @@ def test_the_shared_cache_reuses_its_slots_and_changes_no_item(split, monkeypatc
     reference = [private[k] for k in keys]
     decodes = count_decodes(monkeypatch)
     shared = dataset(split, SMALL_WINDOW)
-    assert shared._shared is not None and shared._shared.slots == 8
+    assert shared._shared is not None and shared._shared.slots == 10  # two blocks of 4, plus 2
     assert all(same_item(shared[k], ref) for k, ref in zip(keys, reference, strict=True))
     # 4 tiles per item, but in order each image is decoded at most once per epoch: its window's slots hold it
     assert decodes[0] <= len(keys)

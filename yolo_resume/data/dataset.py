@@ -32,17 +32,19 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed % 2**64, spawn_key=(_ITEM_STREAM, epoch, index)))
 
 
-# Per process (each data-loader worker holds its own): a batch's images at 640 px take ~15 MB; small
-# datasets stay fully decoded.
+# Per process (each data-loader worker holds its own), for val items and uniform partners: a batch's
+# images at 640 px take ~15 MB; small datasets stay fully decoded.
 DECODED_CACHE_BYTES = 64 << 20
-# Where the three mosaic partners of an item come from: `augment.mosaic_window`. 0: uniformly from the
-# whole dataset (each partner a fresh decode on a split larger than the cache). N: uniformly from the other
-# images of its window, the aligned block of N consecutive positions of the epoch's sample order
-# (sampler.epoch_permutation, the order the batches are cut from). Batches whose size is a multiple of
-# N hold whole windows, so the worker that builds a batch decodes each of its images once (~1 decode
-# per item instead of ~4). Over an epoch each image's partners are still uniform over the dataset (the
-# order is a uniform permutation), but the tiles of one batch come from its own images: measured lower
-# mAP (BENCHMARKS.md), hence off by default. Either way a pure function of (seed, epoch, index).
+# Where the three mosaic partners of an item come from: `augment.mosaic_window`. N (default 128): uniformly
+# from the other images of its window, the aligned block of N consecutive positions of the epoch's sample
+# order (sampler.epoch_permutation, the order the batches are cut from). Over an epoch each image's
+# partners are still uniform over the dataset (the order is a uniform permutation); within a batch the
+# tiles come from N images, as ultralytics draws them from a buffer of its ~8 x batch most recently
+# loaded images (a small window, e.g. 16 at batch 16, makes batches far less varied: measured lower mAP,
+# BENCHMARKS.md). The window's images are decoded once into a cache every loader worker shares
+# (shared_cache.py): ~1 decode per item. 0: uniformly from the whole dataset (on a split larger than the
+# per-process cache each partner is a fresh decode: ~4 per item). Either way a pure function of
+# (seed, epoch, index).
 
 
 class DetectionDataset(Dataset):
@@ -207,9 +209,9 @@ class DetectionDataset(Dataset):
         if window < 2 or n == 1:
             return tuple(min(int(u * n), n - 1) for u in partner_u)
         order, position = self._epoch_order(epoch)
-        pos, size = int(position[index]), min(window, n)
-        start = min(pos // size * size, n - size)  # the short tail of the order joins the window before it
-        picks = (start + min(int(u * (size - 1)), size - 2) for u in partner_u)  # a window position but pos
+        pos = int(position[index])
+        start, size = window_block(pos, n, window)
+        picks = (start + min(int(u * (size - 1)), size - 2) for u in partner_u)  # a block position but pos
         return tuple(int(order[q + (q >= pos)]) for q in picks)
 
     def _shared_cache(self) -> SharedImageCache | None:
@@ -218,7 +220,8 @@ class DetectionDataset(Dataset):
         window = self.augment.mosaic_window if self.augment is not None else 0
         if window < 2 or len(self) < 2:
             return None
-        return SharedImageCache(slots=min(2 * window, len(self)), slot_bytes=self.imgsz * self.imgsz * 3)
+        slots = min(2 * window_block(0, len(self), window)[1] + 2, len(self))  # two of the longest blocks
+        return SharedImageCache(slots=slots, slot_bytes=self.imgsz * self.imgsz * 3)
 
     def _scratch(self) -> np.ndarray:
         """One imgsz x imgsz x 3 buffer per process, reused by every item: a fresh one each time costs
@@ -235,6 +238,17 @@ class DetectionDataset(Dataset):
             position[order] = np.arange(len(order))
             self._order = (epoch, order, position)
         return self._order[1], self._order[2]
+
+
+def window_block(pos: int, n: int, window: int) -> tuple[int, int]:
+    """(start, length) of the block of the epoch order holding position `pos`: the order cut into
+    round(n / window) blocks (at least 2 positions each) of equal length to within one, so every image
+    is a partner equally often (a short tail joined to one block would make that block's images
+    partners of more items than the others'). Block j spans [j * n // B, (j + 1) * n // B)."""
+    blocks = max(1, min((2 * n + window) // (2 * window), n // 2))
+    j = ((pos + 1) * blocks - 1) // n
+    start = j * n // blocks
+    return start, (j + 1) * n // blocks - start
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:

@@ -25,7 +25,8 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     b then holds the same samples whatever the world size, every rank gets the same number of batches,
     and each rank's batch is a contiguous piece of the order: the mosaic partner windows of
     `DetectionDataset` (blocks of that order) stay inside one rank's batch when batch_size is a
-    multiple of the window.
+    multiple of the window. A larger window (the default 128) spans the batches of several ranks; each
+    rank then decodes for itself the partners its batches draw from the other ranks' positions.
     """
 
     def __init__(
