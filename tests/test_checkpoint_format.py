@@ -284,6 +284,37 @@ def test_every_supported_dtype_and_shared_storage(tmp_path: Path) -> None:
     assert loaded["shared"]["same"][0] == 0.0 and base[0] == 0.0
 
 
+def test_many_small_tensors_between_large_ones_round_trip_bitwise(tmp_path: Path, monkeypatch) -> None:
+    # Small limits so that runs of small tensors are joined, cut at CHUNK_BYTES and interrupted by large
+    # tensors written from their own memory, in every order; bit patterns (NaN payloads, -0.0) included.
+    monkeypatch.setattr(fmt, "COALESCE_BYTES", 64)
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 256)
+    generator = torch.Generator().manual_seed(0)
+    dtypes = list(fmt._TORCH_DTYPES)
+    state: dict = {}
+    for i in range(120):
+        dtype = dtypes[i % len(dtypes)]
+        shape = [(), (0,), (3,), (2, 5), (40,), (7, 9)][i % 6]
+        raw = torch.randint(
+            0, 256, (math.prod(shape) * fmt._ST_ITEMSIZE[fmt._TORCH_DTYPES[dtype][0]],), generator=generator
+        )
+        raw = raw % 2 if dtype == torch.bool else raw  # a bool byte is 0 or 1
+        state[f"t{i}"] = raw.to(torch.uint8).view(dtype).reshape(shape)
+    base = torch.arange(60.0).reshape(6, 10)
+    state["views"] = {"base": base, "column": base[:, 3], "transposed": base.t(), "row": base[2], "tied": base}
+    state["bf16"] = torch.randn(33, generator=generator).to(torch.bfloat16)
+    state["grad"] = torch.ones(5, requires_grad=True) * 2  # non-leaf tensor that requires grad
+    ckpt = write_checkpoint(tmp_path, "mixed", state, {})
+    loaded, _ = load_checkpoint(ckpt)
+    state["grad"] = state["grad"].detach()
+    assert_same(state, loaded)
+    raw = (ckpt / "tensors.safetensors").read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + length].rstrip(b" ")
+    # The hand-built header is exactly what json.dumps writes for the same entries (canonical, strict).
+    assert json.dumps(json.loads(header), separators=(",", ":")).encode() == header
+
+
 def test_flatten_keys_are_unique_and_deterministic() -> None:
     state = {
         "a.b": torch.ones(1),
