@@ -17,6 +17,9 @@ Sections (`--only NAME`, repeatable; each prints its own markdown table):
   ours `DetectionDataset` (flat records) vs ultralytics' `YOLODataset` (augment on, same imgsz and batch);
 - `resume`: the index path of a resume (load both splits + the dataset fingerprint + the manifest) at 1k
   images vs at the largest size;
+- `resume-e2e`: `yolo-resume train --resume` end to end (process spawn to the first resumed row in the
+  run's steps.csv: bench_resume.py's timing) of a tiny yolov5n at imgsz 32, at 1k train images vs at the
+  largest size (`--resume`), the same model, steps and checkpoint; the ratio is what issue 13 bounds (1.1x);
 - `growth`: per size: first build, cached start, RSS after the cached start; the fitted exponent b of
   time ~ a * n^b (1.0 = linear).
 
@@ -43,6 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # bench_resume's spawn and steps.csv reader
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 NAMES = [f"c{i}" for i in range(80)]
@@ -345,6 +349,90 @@ def fit_exponent(sizes: list[int], values: list[float]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
+# ----------------------------------------------------------------------------- end-to-end resume
+
+E2E_VAL = 100  # val images: validation is off, but a resume loads and fingerprints the val split too
+
+
+def resume_e2e_config(work: Path, root: Path) -> Path:
+    """A tiny run on the YOLO dataset at `root`: yolov5n at imgsz 32, batch 4, no validation, no workers
+    (one step is ~0.1 s, so what the number of images adds to a resume is what shows)."""
+    import yaml
+
+    cfg = {
+        "data": {"format": "yolo", "root": str(root), "names": NAMES},
+        "model": {"cfg": "yolov5n.yaml", "imgsz": 32},
+        "train": {"epochs": 1, "batch": 4, "nbs": 4, "workers": 0, "device": "cpu", "seed": 0},
+        "augment": {"mosaic": 0.0},
+        "eval": {"every_epochs": 0},
+        "ckpt": {"every_epochs": 1, "every_steps": 0, "keep_last": 3},
+    }
+    path = work / "resume-e2e.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def resume_e2e_setup(work: Path, n: int) -> Path:
+    """Dataset of `n` train images, then a run stopped by SIGTERM after its 3rd step (it saves and exits 75):
+    the run folder a `--resume` continues (its dataset index, manifest and checkpoint all in place)."""
+    import signal
+
+    from bench_resume import data_rows, spawn
+
+    root = write_yolo(work / "data", n)
+    write_yolo(root, E2E_VAL, "val")
+    run, env = work / "run", _e2e_env(work)
+    proc = spawn(["--config", str(resume_e2e_config(work, root)), "--run-dir", str(run)], env, work / "setup.log")
+    while len(data_rows(run / "steps.csv")) < 3:
+        if proc.poll() is not None:
+            raise RuntimeError(f"resume-e2e setup ({n} images) exited {proc.returncode}; see {work / 'setup.log'}")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    if proc.wait(timeout=600) != 75:
+        raise RuntimeError(f"resume-e2e setup exited {proc.returncode} after SIGTERM (expected 75)")
+    return run
+
+
+def _e2e_env(work: Path) -> dict:
+    from bench_train import child_env
+
+    return child_env(work)
+
+
+def resume_e2e_once(run: Path, copy: Path) -> dict:
+    """`train --resume` of a fresh copy of the stopped run (each try resumes the same checkpoint, and finds
+    the manifest of its fingerprint in the run, as a real resume does): seconds from spawn to the first row
+    after the checkpoint's step in steps.csv (polled every 5 ms), then the process is killed; and the CPU
+    seconds (user + sys) the process used by then, which other load on a shared machine disturbs less."""
+    import signal
+
+    from bench_resume import data_rows, spawn
+
+    shutil.copytree(run, copy)
+    last = int(data_rows(copy / "steps.csv")[-1][0])
+    env = _e2e_env(copy.parent)
+    start = time.time()
+    proc = spawn(["--resume", "--run-dir", str(copy)], env, copy.parent / "resume.log")
+    try:
+        while True:
+            rows = [r for r in data_rows(copy / "steps.csv") if int(r[0]) > last]
+            if rows:
+                took = time.time() - start
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"resume of {copy} exited {proc.returncode}; see {copy.parent / 'resume.log'}")
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # workers: 0, so the process is the whole tree
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.returncode = -signal.SIGKILL
+    if int(rows[0][0]) != last + 1:
+        raise RuntimeError(f"resume of {copy}: first step {rows[0][0]}, expected {last + 1}")
+    shutil.rmtree(copy, ignore_errors=True)
+    return {"s": took, "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -488,13 +576,36 @@ class Bench:
         for root in rows.values():
             shutil.rmtree(root, ignore_errors=True)
 
-    SECTIONS = ("start", "growth", "coco", "memory", "resume")
+    def section_resume_e2e(self) -> None:
+        small, big = 1000, self.args.resume
+        sizes = (small, big)
+        runs = {n: resume_e2e_setup(self.work / f"e2e-{n}", n) for n in sizes}
+        tries: dict[int, list[dict]] = {n: [] for n in sizes}
+        for rep in range(self.args.repeats):
+            for n in sizes if rep % 2 == 0 else sizes[::-1]:  # the order alternates: drift hits both alike
+                tries[n].append(resume_e2e_once(runs[n], self.work / f"e2e-{n}" / f"try-{rep}"))
+                print(f"  resume-e2e {n} images, try {rep}: {tries[n][-1]}", flush=True)
+        print("\n### Resume end to end: `yolo-resume train --resume`, spawn to the first resumed step\n")
+        print("| train images | wall s (median) | vs 1000 | wall s (min) | vs 1000 | CPU s (median) | vs 1000 |")
+        print("|---|---|---|---|---|---|---|")
+        for n in sizes:
+            cells = []
+            for key, f in (("s", statistics.median), ("s", min), ("cpu_s", statistics.median)):
+                value = f(r[key] for r in tries[n])
+                ref = f(r[key] for r in tries[small])
+                cells += [f"{value:.2f}", f"{value / ref:.2f}x"]
+            print(f"| {n} | " + " | ".join(cells) + " |")
+        print(f"\nevery try: {json.dumps(tries)}")
+        for n in sizes:
+            shutil.rmtree(self.work / f"e2e-{n}", ignore_errors=True)
+
+    SECTIONS = ("start", "growth", "coco", "memory", "resume", "resume-e2e")
 
     def run(self, sections: list[str]) -> None:
         self.sections = sections
         for name in self.SECTIONS:
             if name in sections:
-                getattr(self, f"section_{name}")()
+                getattr(self, f"section_{name.replace('-', '_')}")()
 
 
 def main() -> None:

@@ -157,6 +157,58 @@ def test_an_added_image_invalidates_the_index(tmp_path):
     assert len(again.records) == 13 and again.report.cached == 12
 
 
+def test_a_removed_image_or_an_added_or_removed_label_invalidates_the_index(tmp_path):
+    cfg = _cfg(_yolo(tmp_path))
+    first = load_split(cfg, "train")
+    (tmp_path / "images" / "train" / "i04.jpg").unlink()
+    removed = load_split(cfg, "train")
+    assert len(removed.records) == 11 and "i04.jpg" not in [r.path.name for r in removed.records]
+    (tmp_path / "labels" / "train" / "i03.txt").write_text("1 0.5 0.5 0.2 0.2\n")  # a background gets a box
+    added = load_split(cfg, "train")
+    i3 = [r.path.name for r in added.records].index("i03.jpg")
+    assert added.records[i3].cls.tolist() == [1] and fingerprint(added) != fingerprint(removed)
+    (tmp_path / "labels" / "train" / "i05.txt").unlink()  # a labelled image becomes a background
+    gone = load_split(cfg, "train")
+    i5 = [r.path.name for r in gone.records].index("i05.jpg")
+    assert len(gone.records[i5].cls) == 0 and fingerprint(gone) != fingerprint(added) != fingerprint(first)
+
+
+def test_an_image_changed_in_a_subfolder_invalidates_the_index(tmp_path):
+    root = _yolo(tmp_path)
+    _image(root / "images" / "train" / "sub" / "s0.jpg", 50)
+    first = load_split(_cfg(root), "train")
+    assert [r.path.name for r in first.records][-1] == "s0.jpg"  # after i11.jpg: Path order
+    image = root / "images" / "train" / "sub" / "s0.jpg"
+    _image(image, 51, (44, 30))
+    again = load_split(_cfg(root), "train")
+    assert again.report.cached == 12 and again.records[-1].width == 44
+    assert again.records[-1].file_size == image.stat().st_size
+
+
+def test_bulk_stat_of_a_large_folder_equals_one_stat_per_file(tmp_path):
+    """More files than one bulk-stat chunk, a dangling link among them and a name not there: each gets
+    the (size, mtime_ns) os.stat gives it, (-1, -1) where there is no file, in the order asked."""
+    from yolo_resume.data import yolo as yolo_mod
+
+    n = 2 * yolo_mod._STAT_CHUNK + 7
+    names = [f"f{i:05d}.txt" for i in range(n)]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(b"x" * (i % 17))
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "nowhere.txt")
+    asked = names[:5000] + ["dangling.txt", "absent.txt"] + names[5000:]
+    got = yolo_mod.stat_names(str(tmp_path), asked)
+    expected = [(os.stat(tmp_path / f).st_size, os.stat(tmp_path / f).st_mtime_ns) for f in names]
+    assert got == expected[:5000] + [(-1, -1), (-1, -1)] + expected[5000:]
+    assert yolo_mod.stat_names(str(tmp_path / "no-such-folder"), ["a.txt"]) == [(-1, -1)]
+    # Paths across folders (runs of one folder, a folder met again, one that does not exist), in order.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.txt").write_bytes(b"abc")
+    paths = [str(tmp_path / names[3]), str(tmp_path / "sub" / "s.txt"), str(tmp_path / "gone" / "g.txt")]
+    paths += [str(tmp_path / names[1]), str(tmp_path / "sub" / "absent.txt")]
+    one_by_one = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) if os.path.exists(p) else (-1, -1) for p in paths]
+    assert yolo_mod.stat_paths(paths) == one_by_one and one_by_one[2] == one_by_one[4] == (-1, -1)
+
+
 @pytest.mark.parametrize(
     "damage",
     [

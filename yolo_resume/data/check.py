@@ -635,7 +635,9 @@ def check_coco_images(
 
 def _stat_table(paths: list[str]) -> np.ndarray:
     """(size, mtime_ns) per path, (-1, -1) for a missing one, as an (n, 2) int64 table."""
-    return _int_table([stat_key(p) for p in paths])  # type: ignore[arg-type]
+    from .yolo import stat_paths
+
+    return _int_table(stat_paths([str(p) for p in paths]))
 
 
 def _check_coco_files(cache, root, ann_path, paths, sizes, stats, split, fingerprint):
