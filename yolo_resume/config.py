@@ -138,10 +138,10 @@ class AugmentConfig:
     close_mosaic: int = opt(10, "Disable mosaic for the last N epochs.")
     mosaic_window: int = opt(
         128,
-        "Where an item's 3 mosaic partners come from: the other images of its block of N consecutive positions in "
-        "the epoch's sample order (128: the size of ultralytics' mosaic buffer at batch 16), decoded once into a "
-        "cache all data-loader workers share (2N images at imgsz: 315 MB at 640 px). 0: any image of the split "
-        "(~4 JPEG decodes per item instead of ~1). Runs saved before this key existed resume with 0.",
+        "Where an item's 3 mosaic partners come from: the other images of its block of about N consecutive positions "
+        "in the epoch's sample order (128: the size of ultralytics' mosaic buffer at batch 16), decoded once into a "
+        "cache all data-loader workers share (2 blocks of images at imgsz: 317 MB at 640 px). 0: any image of the "
+        "split (~4 JPEG decodes per item instead of ~1). Runs saved before this key existed resume with 0.",
     )
 
 

@@ -36,12 +36,12 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 # images at 640 px take ~15 MB; small datasets stay fully decoded.
 DECODED_CACHE_BYTES = 64 << 20
 # Where the three mosaic partners of an item come from: `augment.mosaic_window`. N (default 128): uniformly
-# from the other images of its window, the aligned block of N consecutive positions of the epoch's sample
-# order (sampler.epoch_permutation, the order the batches are cut from). Over an epoch each image's
+# from the other images of its block of the epoch's sample order (sampler.epoch_permutation, the order the
+# batches are cut from), cut into near-equal blocks of about N positions (window_block). Over an epoch each image's
 # partners are still uniform over the dataset (the order is a uniform permutation); within a batch the
 # tiles come from N images, as ultralytics draws them from a buffer of its ~8 x batch most recently
 # loaded images (a small window, e.g. 16 at batch 16, makes batches far less varied: measured lower mAP,
-# BENCHMARKS.md). The window's images are decoded once into a cache every loader worker shares
+# BENCHMARKS.md). The block's images are decoded once into a cache every loader worker shares
 # (shared_cache.py): ~1 decode per item. 0: uniformly from the whole dataset (on a split larger than the
 # per-process cache each partner is a fresh decode: ~4 per item). Either way a pure function of
 # (seed, epoch, index).
@@ -144,9 +144,13 @@ class DetectionDataset(Dataset):
 
     def _decoded(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """BGR image resized to long side imgsz, with its boxes in the resized pixels."""
+        return aug.load_resized(self.records[index], self.imgsz)[0], *self._targets(index)
+
+    def _targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """An image's boxes in the pixels of its resized image (long side imgsz), and their classes."""
         rec = self.records[index]
-        img, ratio = aug.load_resized(rec, self.imgsz)
-        return img, rec.boxes * np.float32(ratio), rec.cls
+        ratio = aug.letterbox_geometry(rec.width, rec.height, self.imgsz)[0]  # the ratio load_resized uses
+        return rec.boxes * np.float32(ratio), rec.cls
 
     def _letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img, boxes, cls = self._load(index)
@@ -197,9 +201,7 @@ class DetectionDataset(Dataset):
                     tiles.append(loaded)
                     continue
             img, lease = got
-            rec = self.records[i]
-            ratio = aug.letterbox_geometry(rec.width, rec.height, self.imgsz)[0]
-            tiles.append((img, rec.boxes * np.float32(ratio), rec.cls))
+            tiles.append((img, *self._targets(i)))
             leases.append(lease)
         return tiles, leases
 

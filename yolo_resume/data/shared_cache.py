@@ -56,10 +56,6 @@ class SharedImageCache:
         self.__dict__.update(state)
         self._views()
 
-    @property
-    def nbytes(self) -> int:
-        return self.slots * self.slot_bytes
-
     def get(self, slot: int, index: int) -> tuple[np.ndarray, tuple[int, int]] | None:
         """Image `index` from `slot` (a read-only view of the shared pixels) and its lease, or None."""
         with self._lock:
