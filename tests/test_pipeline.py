@@ -203,28 +203,6 @@ def test_hsv_is_ultralytics(monkeypatch):
         assert np.array_equal(aug.hsv_jitter(img.copy(), gains), theirs)
 
 
-@pytest.mark.parametrize(("scale", "flip"), [(0.6, False), (0.5, True)])
-def test_compose_with_hsv_is_compose_then_hsv(scale, flip):
-    """The HSV jitter done per drawn rectangle inside compose is the jitter of the whole output, to within
-    OpenCV's position-dependent rounding (1 level), and exact on the padding."""
-    rng = np.random.default_rng(2)
-    imgsz = 96
-    tiles = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((72, 96), (60, 90), (96, 70), (50, 96))]
-    offsets = aug.mosaic_offsets([t.shape for t in tiles], imgsz, (0.7, 1.2))
-    gains = (0.012, -0.5, 0.35)
-    fused, plain = np.empty((imgsz, imgsz, 3), np.uint8), np.empty((imgsz, imgsz, 3), np.uint8)
-    maps_fused = aug.compose(tiles, offsets, (2 * imgsz, 2 * imgsz), scale, (0.05, -0.1), flip, fused, gains)
-    maps_plain = aug.compose(tiles, offsets, (2 * imgsz, 2 * imgsz), scale, (0.05, -0.1), flip, plain)
-    pad = (plain == aug.PAD_VALUE).all(-1)
-    assert pad.any() and not pad.all()
-    unjittered = plain.copy()
-    aug.hsv_jitter(plain, gains)
-    assert all(np.array_equal(a, b) for a, b in zip(maps_fused, maps_plain, strict=True))
-    assert np.abs(fused.astype(int) - plain).max() <= 1
-    assert np.array_equal(fused[pad], plain[pad])
-    assert np.abs(plain.astype(int) - unjittered).max() > 10  # the gains did change the image
-
-
 def test_boxes_land_on_the_rectangles(split):
     """Through reduced decode, mosaic, scale, shift and flip, each box is its bright rectangle's extent."""
     ds = dataset(split, AugmentConfig(hsv_h=0, hsv_s=0, hsv_v=0, mosaic=1.0, close_mosaic=0, translate=0.2))

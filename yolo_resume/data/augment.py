@@ -165,7 +165,6 @@ def compose(
     translate: tuple[float, float],
     flip: bool,
     out: np.ndarray,
-    hsv: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> list[np.ndarray]:
     """What pasting the images at `offsets` on a (width, height) canvas of PAD_VALUE and warping it by
     `affine_matrix(*canvas, imgsz, scale, translate, flip)` into `out` (imgsz x imgsz x 3, overwritten)
@@ -175,18 +174,11 @@ def compose(
     integer source crop that maps closest to that rectangle. Returns, per image, the 3x3 map from
     canvas to output coordinates it really got (within half an output pixel of the nominal one):
     boxes must follow these. At an image's edge the interpolation repeats its border pixels instead of
-    blending in the neighbour. A mirror is one flip of the whole output at the end.
-
-    With `hsv` gains, the HSV jitter (`hsv_jitter`) is applied too, to each rectangle right after it is
-    drawn (while it is in cache) and to the padding as one colour, so no padding pixel is converted.
-    OpenCV's HSV-to-BGR rounds a pixel differently by where it falls in the row (its SIMD and scalar
-    paths), so this differs from `hsv_jitter` of the whole output by at most 1 in some pixels."""
+    blending in the neighbour. A mirror is one flip of the whole output at the end."""
     imgsz = out.shape[0]
     # mirror(x) = imgsz - x after the map without mirror and with the x shift negated is the mirrored map
     plain = affine_matrix(*canvas, imgsz, scale, (-translate[0] if flip else translate[0], translate[1]), False)
-    lut = hsv_lut(hsv) if any(hsv) else None
-    pad = PAD_VALUE if lut is None else _jittered_pad(lut)
-    out.fill(pad)
+    out.fill(PAD_VALUE)
     maps = []
     for img, (x0, y0) in zip(images, offsets, strict=True):
         h, w = img.shape[:2]
@@ -202,8 +194,6 @@ def compose(
             dst=out[ry1:ry2, rx1:rx2],
             interpolation=cv2.INTER_LINEAR,
         )
-        if lut is not None:
-            _hsv_in_place(out[ry1:ry2, rx1:rx2], lut)
         gx, gy = (rx2 - rx1) / (sx2 - sx1), (ry2 - ry1) / (sy2 - sy1)
         maps.append(np.array([[gx, 0, rx1 - gx * sx1], [0, gy, ry1 - gy * sy1], [0, 0, 1]], np.float64))
     if flip:
@@ -246,29 +236,16 @@ def keep_boxes(before: np.ndarray, after: np.ndarray, scale: float) -> np.ndarra
     return (w2 >= MIN_BOX_PX) & (h2 >= MIN_BOX_PX) & (kept_area > MIN_AREA_KEPT) & (aspect < MAX_ASPECT)
 
 
-def hsv_lut(gains: tuple[float, float, float]) -> np.ndarray:
-    """The 3-channel table of the ultralytics (>= 8.3.79) HSV augmentation, for the gains passed in."""
+def hsv_jitter(img: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
+    """The ultralytics (>= 8.3.79) HSV augmentation with the gains passed in instead of drawn, in place:
+    one 3-channel LUT between the two colour conversions."""
+    if not any(gains):
+        return img
     x = np.arange(256, dtype=np.float64)
     lut_hue = ((x + gains[0] * 180) % 180).astype(np.uint8)
     lut_sat = np.clip(x * (1 + gains[1]), 0, 255).astype(np.uint8)
     lut_val = np.clip(x * (1 + gains[2]), 0, 255).astype(np.uint8)
     lut_sat[0] = 0  # keep grey pixels grey
-    return np.stack([lut_hue, lut_sat, lut_val], -1).reshape(1, 256, 3)
-
-
-def hsv_jitter(img: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
-    """The ultralytics (>= 8.3.79) HSV augmentation with the gains passed in instead of drawn, in place:
-    one 3-channel LUT between the two colour conversions."""
-    return _hsv_in_place(img, hsv_lut(gains)) if any(gains) else img
-
-
-def _hsv_in_place(img: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    lut = np.stack([lut_hue, lut_sat, lut_val], -1).reshape(1, 256, 3)
     hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV, dst=img)
     return cv2.cvtColor(cv2.LUT(hsv, lut, dst=hsv), cv2.COLOR_HSV2BGR, dst=hsv)
-
-
-def _jittered_pad(lut: np.ndarray) -> int:
-    """The padding colour after the jitter: grey stays grey (zero saturation), so one value."""
-    pixel = _hsv_in_place(np.full((1, 1, 3), PAD_VALUE, np.uint8), lut)[0, 0]
-    assert pixel[0] == pixel[1] == pixel[2], pixel
-    return int(pixel[0])

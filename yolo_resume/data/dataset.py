@@ -174,14 +174,14 @@ class DetectionDataset(Dataset):
                 canvas = (2 * self.imgsz, 2 * self.imgsz)
             else:
                 offsets, canvas = [(0, 0)], (tiles[0][0].shape[1], tiles[0][0].shape[0])
-            maps = aug.compose([t[0] for t in tiles], offsets, canvas, p.scale, p.translate, p.flip, out, p.hsv)
+            maps = aug.compose([t[0] for t in tiles], offsets, canvas, p.scale, p.translate, p.flip, out)
             if not leases or self._shared.unchanged(leases):
                 break  # else another worker began rewriting a tile's slot while we read it: redo from our own decodes
         before = [aug.place_boxes(b, off, canvas) for (_, b, _), off in zip(tiles, offsets, strict=True)]
         moved = np.concatenate([aug.transform_boxes(b, m, self.imgsz) for b, m in zip(before, maps, strict=True)])
         boxes, cls = np.concatenate(before), np.concatenate([c for _, _, c in tiles])
         keep = aug.keep_boxes(boxes, moved, p.scale)
-        return out, moved[keep], cls[keep]
+        return aug.hsv_jitter(out, p.hsv), moved[keep], cls[keep]
 
     def _tiles(self, epoch: int, indices: tuple[int, ...], shared: bool) -> tuple[list, list[tuple[int, int]]]:
         """The decoded images of `indices` with their boxes, and the leases of those read from the shared
