@@ -137,10 +137,9 @@ def mosaic_offsets(shapes: list[tuple[int, ...]], imgsz: int, center: tuple[floa
     return [(xc - w if k in (0, 2) else xc, yc - h if k in (0, 1) else yc) for k, (h, w, *_) in enumerate(shapes)]
 
 
-def place_boxes(boxes: np.ndarray, offset: tuple[int, int], canvas: tuple[int, int]) -> np.ndarray:
-    """An image's boxes moved to its canvas position and clipped to the canvas."""
-    x0, y0 = offset
-    moved = boxes + np.array([x0, y0, x0, y0], np.float32)
+def place_boxes(boxes: np.ndarray, offsets: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
+    """Boxes moved by their images' canvas positions (one (x, y) row per box) and clipped to the canvas."""
+    moved = boxes + np.tile(np.asarray(offsets, np.float32).reshape(-1, 2), 2)
     return np.clip(moved, 0, np.array([*canvas, *canvas], np.float32))
 
 
@@ -219,10 +218,12 @@ def _realized_span(gain: float, shift: float, lo: int, hi: int, size: int) -> tu
     return r1, r2, s1, s2
 
 
-def transform_boxes(boxes: np.ndarray, matrix: np.ndarray, imgsz: int) -> np.ndarray:
-    """Map xyxy boxes by an axis-aligned affine (scale, flip, shift) and clip them to the output."""
-    xs = boxes[:, [0, 2]] * matrix[0, 0] + matrix[0, 2]
-    ys = boxes[:, [1, 3]] * matrix[1, 1] + matrix[1, 2]
+def transform_boxes(boxes: np.ndarray, matrices: np.ndarray, imgsz: int) -> np.ndarray:
+    """Map xyxy boxes by axis-aligned affines (scale, flip, shift; one 3x3 per box, or one for all) and
+    clip them to the output."""
+    m = np.broadcast_to(matrices, (len(boxes), 3, 3))
+    xs = boxes[:, [0, 2]] * m[:, 0, :1] + m[:, 0, 2:]
+    ys = boxes[:, [1, 3]] * m[:, 1, 1:2] + m[:, 1, 2:]
     out = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], 1)
     return out.clip(0, imgsz).astype(np.float32)
 
