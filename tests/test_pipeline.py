@@ -305,35 +305,6 @@ def test_an_item_whose_tiles_were_overwritten_while_read_is_redone_from_its_own_
     assert same_item(ds[(0, 5)], reference)
 
 
-def test_a_worker_reuses_batch_buffers_let_go_of_and_never_one_still_held(split, monkeypatch):
-    import multiprocessing
-
-    from yolo_resume.data import dataset as dataset_module
-    from yolo_resume.data import shared_cache
-
-    assert shared_cache.storage_finalizers_hold()  # this torch keeps a storage's Python object while it lives
-    ds = dataset(split, WINDOWED)
-    sampler = EpochBatchSampler(COUNT, 2, seed=3)  # 16 batches
-    keys = [(0, int(i)) for i in epoch_permutation(COUNT, 3, 0)]
-    expected = collate_fn([dataset(split, WINDOWED)[k] for k in keys])["img"]
-    allocations, real = multiprocessing.Value("l", 0), shared_cache.shared_uint8
-
-    def counted(shape):
-        with allocations.get_lock():
-            allocations.value += 1
-        return real(shape)
-
-    monkeypatch.setattr(shared_cache, "shared_uint8", counted)  # the forked worker inherits both patches
-    monkeypatch.setattr(dataset_module, "BATCH_RING_SLOTS", 6)  # > held + in flight + in use: never short
-    held, seen = None, []
-    for k, batch in enumerate(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, num_workers=1)):
-        seen.append(batch["img"].clone())
-        if k == 1:
-            held = batch["img"]  # kept while 14 more batches are made: its buffer must not be rewritten
-    assert torch.equal(torch.cat(seen), expected) and torch.equal(held, expected[2:4])
-    assert allocations.value <= 6 + 1  # the ring's buffers and its flags, not one per batch
-
-
 def test_an_image_put_by_one_process_is_read_by_another():
     import multiprocessing
 

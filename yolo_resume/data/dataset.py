@@ -8,7 +8,6 @@ same bytes.
 
 from __future__ import annotations
 
-import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -23,7 +22,7 @@ from . import augment as aug
 from .coco import coco_gt
 from .records import FlatRecords, ImageRecord, Split, fingerprint
 from .sampler import epoch_permutation
-from .shared_cache import BatchRing, LentBatch, SharedImageCache, give_back, ring_lock
+from .shared_cache import SharedImageCache, shared_uint8
 
 _ITEM_STREAM = 0x17E4  # spawn-key tag: item augmentation (the sampler uses another tag)
 
@@ -36,9 +35,6 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 # Per process (each data-loader worker holds its own), for val items and uniform partners: a batch's
 # images at 640 px take ~15 MB; small datasets stay fully decoded.
 DECODED_CACHE_BYTES = 64 << 20
-# Batch buffers a data-loader worker keeps for reuse: the loader's 2 batches in flight per worker
-# (prefetch_factor), the one the main process is using, and one it may still hold.
-BATCH_RING_SLOTS = 4
 # Where the three mosaic partners of an item come from: `augment.mosaic_window`. N (default 128): uniformly
 # from the other images of its block of the epoch's sample order (sampler.epoch_permutation, the order the
 # batches are cut from), cut into near-equal blocks of about N positions (window_block). Over an epoch each image's
@@ -72,11 +68,6 @@ class DetectionDataset(Dataset):
         # Windowed partners: one cache shared by all workers instead (made here, before they fork).
         self._shared = self._shared_cache()
         self._out: np.ndarray | None = None  # see _scratch
-        # Batch tensors a data-loader worker reuses (see _batch_tensor); the lock is made here, before the
-        # workers start, so the main process can return the buffers.
-        self._ring_token = uuid.uuid4().hex
-        self._ring_lock = ring_lock(self._ring_token)
-        self._ring: BatchRing | None = None
         self._order: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, order, position of each index)
 
     @property
@@ -111,8 +102,8 @@ class DetectionDataset(Dataset):
     def __getitems__(self, keys: list) -> list[dict[str, Any]]:
         """A whole batch (the DataLoader's batched fetch): each image is written straight into its slot of
         one batch tensor, which `collate_fn` then takes as it is instead of stacking copies."""
-        batch, lease = self._batch_tensor((len(keys), 3, self.imgsz, self.imgsz))
-        return BatchItems((self._item(key, batch[i]) for i, key in enumerate(keys)), lease)
+        batch = _batch_tensor((len(keys), 3, self.imgsz, self.imgsz))
+        return [self._item(key, batch[i]) for i, key in enumerate(keys)]
 
     def _item(self, key: tuple[int, int] | int, img_out: torch.Tensor) -> dict[str, Any]:
         epoch, index = (0, key) if isinstance(key, (int, np.integer)) else key
@@ -240,17 +231,6 @@ class DetectionDataset(Dataset):
         slots = min(2 * window_block(0, len(self), window)[1] + 2, len(self))  # two of the longest blocks
         return SharedImageCache(slots=slots, slot_bytes=self.imgsz * self.imgsz * 3)
 
-    def _batch_tensor(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple | None]:
-        """An uninitialised uint8 tensor, and its lease if it is lent from this worker's ring. In a
-        data-loader worker it is in shared memory (as torch's default_collate makes it), so sending the
-        batch to the main process does not copy it, and reused (BatchRing) once the main process is done
-        with it: no fresh allocation and page faults per batch."""
-        if get_worker_info() is None:
-            return torch.empty(shape, dtype=torch.uint8), None
-        if self._ring is None:
-            self._ring = BatchRing(BATCH_RING_SLOTS, shape, self._ring_lock, self._ring_token)
-        return self._ring.take(shape)
-
     def _scratch(self) -> np.ndarray:
         """One imgsz x imgsz x 3 buffer per process, reused by every item: a fresh one each time costs
         more in page faults than the warp that fills it."""
@@ -279,6 +259,12 @@ def window_block(pos: int, n: int, window: int) -> tuple[int, int]:
     return start, (j + 1) * n // blocks - start
 
 
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a data-loader worker, in shared memory (as torch's default_collate
+    does), so sending the batch to the main process does not copy it there first."""
+    return torch.empty(shape, dtype=torch.uint8) if get_worker_info() is None else shared_uint8(shape)
+
+
 def _xyxy_to_normalized_xywh(boxes: np.ndarray, imgsz: int) -> np.ndarray:
     out = np.empty((len(boxes), 4), np.float32)
     out[:, 0] = (boxes[:, 0] + boxes[:, 2]) / 2
@@ -288,19 +274,10 @@ def _xyxy_to_normalized_xywh(boxes: np.ndarray, imgsz: int) -> np.ndarray:
     return out / np.float32(imgsz)
 
 
-class BatchItems(list):
-    """The items of one `__getitems__` call, with the lease of the batch tensor their images are in."""
-
-    def __init__(self, items, lease: tuple | None) -> None:
-        super().__init__(items)
-        self.lease = lease
-
-
 def collate_fn(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images, concatenate targets with `batch_idx` (the layout v8DetectionLoss reads)."""
-    img, lease = _stacked(items), getattr(items, "lease", None)
-    batch = {
-        "img": img,
+    return {
+        "img": _stacked(items),
         "cls": torch.cat([it["cls"] for it in items]),
         "bboxes": torch.cat([it["bboxes"] for it in items]),
         "batch_idx": torch.cat(
@@ -310,12 +287,6 @@ def collate_fn(items: list[dict[str, Any]]) -> dict[str, Any]:
         "ori_shape": [it["ori_shape"] for it in items],
         "ratio_pad": [it["ratio_pad"] for it in items],
     }
-    if lease is None:
-        return batch
-    if img.data_ptr() != items[0]["img"].data_ptr():  # the items were stacked into a copy: not lent after all
-        give_back(*lease)
-        return batch
-    return LentBatch(batch, lease)
 
 
 def _stacked(items: list[dict[str, Any]]) -> torch.Tensor:

@@ -22,11 +22,8 @@ private decode when a lease broke.
 
 from __future__ import annotations
 
-import functools
-import gc
 import math
 import multiprocessing
-import weakref
 from typing import Any
 
 import numpy as np
@@ -103,93 +100,3 @@ def shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
     elem = torch.empty(0, dtype=torch.uint8)
     storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
     return elem.new(storage).resize_(*shape)
-
-
-class BatchRing:
-    """Batch tensors in shared memory that a data-loader worker reuses once the main process has let go
-    of them, instead of a fresh shared allocation per batch: a fresh one costs its creation and a page
-    fault per 4 KiB page on first write (measured ~1.4 ms per 640 px image, as much as a third of a JPEG
-    decode), a reused one neither.
-
-    A buffer is lent with its batch (`LentBatch`) and returned by a finalizer on the storage the main
-    process rebuilds from it, which torch runs only when the storage itself is freed (every tensor,
-    view and numpy array of it gone), so no buffer is rewritten while anything can still read it.
-    Where that cannot be relied on (`storage_finalizers_hold`), nothing is returned and every batch
-    gets a fresh buffer, as before. The lent flags live in shared memory; a process-shared lock, made
-    before the workers start and found by the main process through `_RING_LOCKS`, orders the main
-    process's last reads of a buffer before the worker's next writes on every architecture."""
-
-    def __init__(self, slots: int, shape: tuple[int, ...], lock: Any, token: str) -> None:
-        self.slots, self.shape = slots, tuple(shape)
-        self._lock, self._token = lock, token
-        self._buffers: list[torch.Tensor] = []  # allocated as needed, up to `slots`
-        self._lent = shared_uint8((slots,)).zero_()  # 1: lent to the main process
-
-    def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, int, str] | None]:
-        """A uint8 tensor of `shape` in shared memory and its lease: a free buffer of the ring, else (all
-        lent, or another shape: a short last batch) a fresh tensor and None."""
-        if tuple(shape) == self.shape:
-            with self._lock:
-                lent = self._lent.numpy()
-                for slot in range(self.slots):
-                    if slot == len(self._buffers):
-                        self._buffers.append(shared_uint8(self.shape))
-                    if not lent[slot]:
-                        lent[slot] = 1
-                        return self._buffers[slot], (self._lent, slot, self._token)
-        return shared_uint8(shape), None
-
-
-# Locks of the batch rings, by token: made where the dataset is (before the workers start), found there
-# again by the finalizer that returns a buffer (a lock cannot travel with the batch).
-_RING_LOCKS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
-
-
-def ring_lock(token: str) -> Any:
-    """A new process-shared lock for the ring of `token` (the caller keeps it alive)."""
-    lock = multiprocessing.Lock()
-    _RING_LOCKS[token] = lock
-    return lock
-
-
-class LentBatch(dict):
-    """A collated batch whose images are a ring buffer: when pickled to the main process it takes along
-    the lease, and is rebuilt there as a plain dict with the finalizer that returns the buffer."""
-
-    def __init__(self, batch: dict[str, Any], lease: tuple[torch.Tensor, int, str]) -> None:
-        super().__init__(batch)
-        self.lease = lease
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuild_lent, (dict(self), self.lease)
-
-
-def _rebuild_lent(batch: dict[str, Any], lease: tuple[torch.Tensor, int, str]) -> dict[str, Any]:
-    if storage_finalizers_hold():
-        weakref.finalize(batch["img"].untyped_storage(), give_back, *lease)
-    return batch
-
-
-def give_back(lent: torch.Tensor, slot: int, token: str) -> None:
-    """Return a lent ring buffer (its batch is no longer used)."""
-    lock = _RING_LOCKS.get(token)
-    if lock is not None:  # else the ring's dataset is gone here: the buffer stays lent, which is safe
-        with lock:
-            lent.numpy()[slot] = 0
-
-
-@functools.cache
-def storage_finalizers_hold() -> bool:
-    """Whether this torch keeps a storage's Python object alive as long as the storage (PyObject
-    preservation), so a finalizer on it runs only once no tensor uses the memory."""
-    fired: list[int] = []
-    tensor = torch.zeros(4, dtype=torch.uint8)
-    storage = tensor.untyped_storage()
-    weakref.finalize(storage, fired.append, 1)
-    view = tensor[1:]
-    del storage, tensor
-    gc.collect()
-    alive = not fired
-    del view
-    gc.collect()
-    return alive and bool(fired)
