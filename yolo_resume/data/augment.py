@@ -219,9 +219,9 @@ def _realized_span(gain: float, shift: float, lo: int, hi: int, size: int) -> tu
 
 
 def transform_boxes(boxes: np.ndarray, matrices: np.ndarray, imgsz: int) -> np.ndarray:
-    """Map xyxy boxes by axis-aligned affines (scale, flip, shift; one 3x3 per box, or one for all) and
+    """Map xyxy boxes, each by its own axis-aligned affine (scale, flip, shift; one 3x3 per box), and
     clip them to the output."""
-    m = np.broadcast_to(matrices, (len(boxes), 3, 3))
+    m = matrices
     xs = boxes[:, [0, 2]] * m[:, 0, :1] + m[:, 0, 2:]
     ys = boxes[:, [1, 3]] * m[:, 1, 1:2] + m[:, 1, 2:]
     out = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], 1)

@@ -118,14 +118,13 @@ class DetectionDataset(Dataset):
             img, boxes, cls = self._augmented(epoch, index)
         planes = img_out.numpy()
         cv2.split(img, [planes[2], planes[1], planes[0]])  # BGR HWC -> RGB CHW in one pass, into img_out
-        flat = self._flat
-        width, height = int(flat.width[index]), int(flat.height[index])
+        width, height = self._size(index)
         ratio, _, _, left, top = aug.letterbox_geometry(width, height, self.imgsz)
         return {
             "img": img_out,
             "cls": torch.from_numpy(cls.astype(np.float32).reshape(-1, 1)),
             "bboxes": torch.from_numpy(_xyxy_to_normalized_xywh(boxes, self.imgsz)),
-            "image_id": int(flat.image_id[index]),
+            "image_id": int(self._flat.image_id[index]),
             "ori_shape": (height, width),
             # The plain letterbox mapping (exact for val items; train items are augmented beyond it).
             "ratio_pad": (ratio, (float(left), float(top))),
@@ -152,10 +151,14 @@ class DetectionDataset(Dataset):
 
     def _targets(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """An image's boxes in the pixels of its resized image (long side imgsz), and their classes."""
+        ratio = aug.letterbox_geometry(*self._size(index), self.imgsz)[0]  # the ratio load_resized uses
         flat = self._flat
-        ratio = self.imgsz / max(int(flat.width[index]), int(flat.height[index]))  # as letterbox_geometry
         lo, hi = flat.box_offsets[index], flat.box_offsets[index + 1]
         return flat.boxes[lo:hi] * np.float32(ratio), flat.cls[lo:hi]
+
+    def _size(self, index: int) -> tuple[int, int]:
+        """(width, height) of image `index`, as its record says."""
+        return int(self._flat.width[index]), int(self._flat.height[index])
 
     def _letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img, boxes, cls = self._load(index)
