@@ -3,7 +3,10 @@ partners; items stay a pure function of (seed, epoch, index) at any worker count
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -321,6 +324,32 @@ def test_an_image_put_by_one_process_is_read_by_another():
     assert np.array_equal(got, img) and not got.flags.writeable and cache.unchanged([lease])
     cache.put(1, 8, img[::-1].copy())
     assert not cache.unchanged([lease]) and cache.get(1, 7) is None
+
+
+def resident_pages(tensor: torch.Tensor) -> tuple[int, int]:
+    """(pages of the tensor's memory in RAM, pages in all), from mincore(2)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = tensor.untyped_storage().nbytes()
+    pages = -(-size // mmap.PAGESIZE)
+    vec = ctypes.create_string_buffer(pages)
+    assert libc.mincore(tensor.data_ptr(), size, vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec.raw), pages
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux's")
+def test_a_batch_buffer_is_committed_before_it_is_written_and_a_cache_only_as_it_fills():
+    from yolo_resume.data.shared_cache import SharedImageCache, shared_uint8
+
+    if tuple(int(v) for v in re.findall(r"\d+", os.uname().release)[:2]) < (5, 14):
+        pytest.skip("MADV_POPULATE_WRITE needs Linux >= 5.14")
+    resident, pages = resident_pages(shared_uint8((4, 3, 64, 64), commit=True))
+    assert resident == pages > 10
+    resident, pages = resident_pages(SharedImageCache(slots=8, slot_bytes=64 * 64 * 3)._pixels)
+    assert pages > 10 and resident <= 1  # a cache's slots fill over an epoch: committed as written (torch writes one)
 
 
 @pytest.mark.parametrize("orientation", [1, 3, 6])

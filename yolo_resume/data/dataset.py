@@ -264,8 +264,9 @@ def window_block(pos: int, n: int, window: int) -> tuple[int, int]:
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised uint8 tensor; in a data-loader worker, in shared memory (as torch's default_collate
-    does), so sending the batch to the main process does not copy it there first."""
-    return torch.empty(shape, dtype=torch.uint8) if get_worker_info() is None else shared_uint8(shape)
+    does), so sending the batch to the main process does not copy it there first, with its pages committed
+    up front (the items fill it whole)."""
+    return torch.empty(shape, dtype=torch.uint8) if get_worker_info() is None else shared_uint8(shape, commit=True)
 
 
 def _xyxy_to_normalized_xywh(boxes: np.ndarray, imgsz: int) -> np.ndarray:
