@@ -20,6 +20,8 @@ from yolo_resume.config import AugmentConfig, DataConfig
 from yolo_resume.data import DetectionDataset, EpochBatchSampler, collate_fn, epoch_permutation, load_split
 from yolo_resume.data import augment as aug
 from yolo_resume.data.dataset import window_block
+from yolo_resume.data.records import ImageRecord
+from yolo_resume.errors import DataError
 
 IMGSZ = 64
 COUNT = 32
@@ -350,6 +352,49 @@ def test_a_batch_buffer_is_committed_before_it_is_written_and_a_cache_only_as_it
     assert resident == pages > 10
     resident, pages = resident_pages(SharedImageCache(slots=8, slot_bytes=64 * 64 * 3)._pixels)
     assert pages > 10 and resident <= 1  # a cache's slots fill over an epoch: committed as written (torch writes one)
+
+
+@pytest.mark.parametrize(
+    "mode,options",
+    [
+        ("RGB", {"subsampling": 0}),
+        ("RGB", {"subsampling": 1}),
+        ("RGB", {}),
+        ("RGB", {"progressive": True}),
+        ("L", {}),
+        ("RGB", {"orientation": 3}),
+        ("RGB", {"orientation": 6}),
+        ("CMYK", {}),
+    ],
+)
+def test_jpegs_decode_to_opencvs_pixels_through_simplejpeg_unless_opencv_may_rotate_them(tmp_path, mode, options):
+    from PIL import Image
+
+    rgb = cv2.GaussianBlur(np.random.default_rng(2).integers(0, 256, (40, 56, 3), dtype=np.uint8), (0, 0), 2)
+    im = Image.fromarray(rgb).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = options.pop("orientation", 1)
+    path = tmp_path / "a.jpg"
+    im.save(path, quality=90, exif=exif if exif[0x0112] != 1 else b"", **options)
+    buf = np.fromfile(path, np.uint8)
+    expected = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    fast = aug.decode_plain_jpeg(buf)
+    assert (fast is None) == (exif[0x0112] != 1)  # OpenCV may rotate a JPEG with EXIF: it decodes those
+    assert fast is None or np.array_equal(fast, expected)
+    height, width = expected.shape[:2]
+    rec = ImageRecord(path, width, height, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), 0)
+    assert np.array_equal(aug.decode(rec), expected)
+
+
+def test_a_truncated_jpeg_is_left_to_opencv_which_rejects_it(tmp_path):
+    path = tmp_path / "a.jpg"
+    img = cv2.GaussianBlur(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8), (0, 0), 2)
+    data = cv2.imencode(".jpg", img)[1].tobytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    assert aug.decode_plain_jpeg(np.fromfile(path, np.uint8)) is None
+    rec = ImageRecord(path, 64, 64, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), 0)
+    with pytest.raises(DataError, match="cannot be decoded"):
+        aug.decode(rec)
 
 
 @pytest.mark.parametrize("orientation", [1, 3, 6])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import simplejpeg
 
 from ..config import AugmentConfig
 from ..errors import DataError
@@ -79,7 +80,9 @@ def decode(rec: ImageRecord, need: tuple[int, int] | None = None) -> np.ndarray:
         raise DataError(f"image `{rec.path}` cannot be read; check that it still exists") from None
     factor, flag = reduction(buf, rec.width, rec.height, *need) if need else (1, cv2.IMREAD_COLOR)
     shape = (-(-rec.height // factor), -(-rec.width // factor))
-    img = cv2.imdecode(buf, flag)
+    img = decode_plain_jpeg(buf) if factor == 1 else None
+    if img is None:
+        img = cv2.imdecode(buf, flag)
     if img is not None and img.shape[:2] != shape:
         # Annotations made on the raw pixels of an EXIF-rotated JPEG: read it unrotated.
         img = cv2.imdecode(buf, flag | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -93,6 +96,41 @@ def decode(rec: ImageRecord, need: tuple[int, int] | None = None) -> np.ndarray:
             f"{rec.width}x{rec.height}; fix the annotation"
         )
     return img
+
+
+def decode_plain_jpeg(buf: np.ndarray) -> np.ndarray | None:
+    """A full-size BGR decode of a JPEG without EXIF by simplejpeg (libjpeg-turbo's TurboJPEG API: the same
+    pixels as `cv2.imdecode`, ~10% less CPU); None for anything else (not a JPEG, EXIF that OpenCV may
+    rotate by, CMYK, a damaged file), which `cv2.imdecode` then decodes or rejects as before."""
+    if buf[:3].tobytes() != _JPEG_MAGIC or _may_have_exif(memoryview(buf)):
+        return None
+    try:
+        return simplejpeg.decode_jpeg(buf, "BGR")
+    except ValueError:  # TurboJPEG's errors, warnings included (a truncated file): OpenCV's rules decide
+        return None
+
+
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xDA)})  # JPEG markers without a length (TEM, RSTn, SOI, EOI)
+
+
+def _may_have_exif(data: memoryview) -> bool:
+    """Whether a JPEG has an APP1 "Exif" segment before its first scan (where libjpeg reads the metadata
+    OpenCV takes the orientation from): a walk over the few segment headers, not a parse. Anything
+    unexpected counts as yes, so only a cleanly structured file without EXIF answers no."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return True
+        marker = data[pos + 1]
+        if marker == 0xFF or marker in _STANDALONE:  # fill byte; markers without a segment
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xDA:  # start of scan: the metadata is behind us
+            return False
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return True
+        pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return True
 
 
 def letterbox_geometry(width: int, height: int, imgsz: int) -> tuple[float, int, int, int, int]:
