@@ -378,12 +378,14 @@ def test_jpegs_decode_to_opencvs_pixels_through_simplejpeg_unless_opencv_may_rot
     im.save(path, quality=90, exif=exif if exif[0x0112] != 1 else b"", **options)
     buf = np.fromfile(path, np.uint8)
     expected = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    fast = aug.decode_plain_jpeg(buf)
-    assert (fast is None) == (exif[0x0112] != 1)  # OpenCV may rotate a JPEG with EXIF: it decodes those
-    assert fast is None or np.array_equal(fast, expected)
     height, width = expected.shape[:2]
     rec = ImageRecord(path, width, height, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), 0)
     assert np.array_equal(aug.decode(rec), expected)
+    for factor, flag in ((1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4)):
+        fast = aug.decode_plain_jpeg(buf, width, height, factor)
+        assert (fast is None) == (exif[0x0112] != 1)  # OpenCV may rotate a JPEG with EXIF: it decodes those
+        assert fast is None or np.array_equal(fast, cv2.imdecode(buf, flag))
+    assert aug.decode_plain_jpeg(buf, width + 1, height, 1) is None  # not the size the record says: OpenCV's path
 
 
 def test_a_truncated_jpeg_is_left_to_opencv_which_rejects_it(tmp_path):
@@ -391,7 +393,7 @@ def test_a_truncated_jpeg_is_left_to_opencv_which_rejects_it(tmp_path):
     img = cv2.GaussianBlur(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8), (0, 0), 2)
     data = cv2.imencode(".jpg", img)[1].tobytes()
     path.write_bytes(data[: len(data) * 2 // 3])
-    assert aug.decode_plain_jpeg(np.fromfile(path, np.uint8)) is None
+    assert aug.decode_plain_jpeg(np.fromfile(path, np.uint8), 64, 64) is None
     rec = ImageRecord(path, 64, 64, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), 0)
     with pytest.raises(DataError, match="cannot be decoded"):
         aug.decode(rec)
