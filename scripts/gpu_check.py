@@ -77,6 +77,7 @@ WHEEL_DISTS = (
     "polars-runtime-32",
     "pycocotools",
     "xxhash",
+    "simplejpeg",
 )
 WHEEL_PLATFORMS = (
     "manylinux_2_28_x86_64",
