@@ -157,6 +157,8 @@ def test_stop_signal_saves_step_checkpoint_and_resume_is_exact(straight, tmp_pat
     # Exits within one step of the signal: at most one step beyond the last step seen before it.
     last_logged_before = seen
     assert last_logged_before <= meta["global_step"] <= last_logged_before + 2
+    if sig != signal.SIGTERM:
+        return  # the save and the resume after it are one code path for every signal: resumed once (suite budget)
     resumed = launch(tmp_path, straight / "data")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out + err
